@@ -1,0 +1,84 @@
+"""What it takes to start one vLLM server: a plain, immutable description and its command line.
+
+The gateway turns its YAML config into these; ``plan`` prints them; the supervisor runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# The CPU build of vLLM has no working `vllm` console script; this module path works on both.
+PYTHON_LAUNCHER = ("python", "-m", "vllm.entrypoints.openai.api_server")
+
+
+@dataclass(frozen=True)
+class VllmSpec:
+    name: str  # the served model name, the one the gateway routes by
+    model: str  # HF id or local path
+    launcher: tuple[str, ...] = ("vllm", "serve")
+    gpus: tuple[int, ...] = ()
+    args: Mapping[str, Any] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        explicit = self.args.get("tensor-parallel-size")
+        if explicit is not None:
+            return int(explicit)
+        return max(1, len(self.gpus))
+
+    @property
+    def memory_share(self) -> float:
+        """vLLM's fraction of each GPU it may take (its own default is 0.9)."""
+        return float(self.args.get("gpu-memory-utilization", 0.9))
+
+    def command(self, port: int, api_key: str | None) -> list[str]:
+        launcher = list(self.launcher)
+        if launcher[-1] == "serve":  # `vllm serve MODEL` takes the model positionally
+            cmd = [*launcher, self.model]
+        else:
+            cmd = [*launcher, "--model", self.model]
+        cmd += ["--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(port)]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        args = dict(self.args)
+        if len(self.gpus) > 1:
+            args.setdefault("tensor-parallel-size", len(self.gpus))
+        for flag, value in args.items():
+            cmd += render_flag(flag, value)
+        return cmd
+
+    def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ if base is None else base)
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpus)
+        env.update(self.env)
+        return env
+
+
+def render_flag(flag: str, value: Any) -> list[str]:
+    """`--flag value` as vLLM's argparse wants it.
+
+    True is a bare switch; False and None leave the flag out; a list gives several values
+    (`--served-model-name a b`); a mapping becomes JSON (`--limit-mm-per-prompt '{"image":4}'`).
+    """
+    option = f"--{flag}"
+    if value is True:
+        return [option]
+    if value is False or value is None:
+        return []
+    if isinstance(value, Mapping):
+        return [option, json.dumps(value, separators=(",", ":"))]
+    if isinstance(value, list | tuple):
+        return [option, *(str(v) for v in value)]
+    return [option, str(value)]
+
+
+def shell_line(cmd: list[str]) -> str:
+    import shlex
+
+    return shlex.join(cmd)

@@ -1,0 +1,213 @@
+"""Start, watch and restart the vLLM servers of spawn mode; stop them all on the way out.
+
+One asyncio task per backend runs its life: start, wait until ready (health and model list),
+watch (the process, and /health every few seconds), and on death or repeated health failures
+restart with exponential backoff, up to a limit after which the backend is marked failed.
+The replica object it owns is what the gateway routes by: its ``state`` and ``url`` are updated
+here, so requests see a loading or restarting model at once and get a clean 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from backends.health import is_healthy, is_ready
+from backends.pool import BackendState, Replica
+from backends.process import BackendProcess, free_port
+from backends.spec import VllmSpec
+
+log = logging.getLogger("vllm_gateway.supervisor")
+
+
+@dataclass(frozen=True)
+class SupervisorTimings:
+    startup_timeout: float = 1800.0  # big models take many minutes to load
+    poll_interval: float = 1.0  # while loading
+    health_interval: float = 5.0  # once ready
+    health_failures: int = 3  # in a row, before a restart
+    backoff_base: float = 2.0
+    backoff_cap: float = 60.0
+    max_restarts: int = 5  # in a row without becoming ready; then the backend is failed
+    stop_grace: float = 15.0
+    progress_interval: float = 15.0
+
+
+@dataclass(eq=False)
+class Backend:
+    spec: VllmSpec
+    replica: Replica
+    process: BackendProcess
+    restarts: int = 0
+    ready_since: float | None = None
+    task: asyncio.Task[None] | None = None
+
+
+class Supervisor:
+    def __init__(
+        self,
+        specs: Iterable[VllmSpec],
+        *,
+        log_dir: str | Path = "logs",
+        timings: SupervisorTimings | None = None,
+    ) -> None:
+        self.timings = timings or SupervisorTimings()
+        self.backends: dict[str, Backend] = {}
+        for spec in specs:
+            replica = Replica(url="", api_key=None, state=BackendState.STOPPED)
+            process = BackendProcess(spec.name, Path(log_dir) / f"{spec.name}.log")
+            self.backends[spec.name] = Backend(spec, replica, process)
+        self._client: httpx.AsyncClient | None = None
+        self._progress: asyncio.Task[None] | None = None
+
+    def replicas(self, name: str) -> list[Replica]:
+        return [self.backends[name].replica]
+
+    async def start(self) -> None:
+        if not self.backends:
+            return
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        for backend in self.backends.values():
+            backend.replica.state = BackendState.LOADING
+            backend.task = asyncio.create_task(
+                self._run(backend), name=f"backend:{backend.spec.name}"
+            )
+        self._progress = asyncio.create_task(self._report_progress())
+
+    async def stop(self) -> None:
+        tasks = [b.task for b in self.backends.values() if b.task is not None]
+        if self._progress is not None:
+            tasks.append(self._progress)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(
+            *(b.process.stop(self.timings.stop_grace) for b in self.backends.values())
+        )
+        for backend in self.backends.values():
+            backend.replica.state = BackendState.STOPPED
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _run(self, backend: Backend) -> None:
+        failures_in_a_row = 0
+        while True:
+            became_ready = await self._start_and_watch(backend)
+            await backend.process.stop(self.timings.stop_grace)
+            failures_in_a_row = 0 if became_ready else failures_in_a_row + 1
+            if failures_in_a_row > self.timings.max_restarts:
+                backend.replica.state = BackendState.FAILED
+                log.error(
+                    "%s: failed %d times in a row; giving up. Last log lines (%s):\n  %s",
+                    backend.spec.name,
+                    failures_in_a_row,
+                    backend.process.log_path,
+                    "\n  ".join(backend.process.tail()),
+                )
+                return
+            backend.restarts += 1
+            backend.replica.state = BackendState.RESTARTING
+            delay = min(
+                self.timings.backoff_cap,
+                self.timings.backoff_base * 2 ** max(0, failures_in_a_row - 1),
+            )
+            log.warning(
+                "%s: restarting in %.0fs (restart %d)", backend.spec.name, delay, backend.restarts
+            )
+            await asyncio.sleep(delay)
+
+    async def _start_and_watch(self, backend: Backend) -> bool:
+        """Run one life of the server. True if it became ready before it ended."""
+        spec, replica, process = backend.spec, backend.replica, backend.process
+        port, key = free_port(), secrets.token_urlsafe(24)
+        replica.url, replica.api_key = f"http://127.0.0.1:{port}", key
+        await process.start(spec.command(port, key), spec.environment())
+        log.info("%s: starting on port %d (pid %s)", spec.name, port, process.pid)
+        if not await self._wait_ready(backend):
+            return False
+        replica.state = BackendState.READY
+        backend.ready_since = time.monotonic()
+        log.info("%s: ready after %.0fs", spec.name, backend.ready_since - process.started_at)
+        await self._watch(backend)
+        backend.ready_since = None
+        return True
+
+    async def _wait_ready(self, backend: Backend) -> bool:
+        assert self._client is not None
+        spec, replica, process = backend.spec, backend.replica, backend.process
+        deadline = time.monotonic() + self.timings.startup_timeout
+        while time.monotonic() < deadline:
+            if not process.alive:
+                log.error(
+                    "%s: exited with code %s while loading. Last log lines (%s):\n  %s",
+                    spec.name,
+                    process.returncode,
+                    process.log_path,
+                    "\n  ".join(process.tail()),
+                )
+                return False
+            if await is_ready(self._client, replica.url, spec.name, replica.api_key):
+                return True
+            await asyncio.sleep(self.timings.poll_interval)
+        log.error("%s: not ready after %.0fs", spec.name, self.timings.startup_timeout)
+        return False
+
+    async def _watch(self, backend: Backend) -> None:
+        """Return when the process died or failed its health check too often in a row."""
+        assert self._client is not None
+        spec, replica, process = backend.spec, backend.replica, backend.process
+        failures = 0
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            while failures < self.timings.health_failures:
+                done, _ = await asyncio.wait({exited}, timeout=self.timings.health_interval)
+                if done:
+                    replica.state = BackendState.RESTARTING
+                    log.error(
+                        "%s: exited with code %s. Last log lines:\n  %s",
+                        spec.name,
+                        process.returncode,
+                        "\n  ".join(process.tail(10)),
+                    )
+                    return
+                healthy = await is_healthy(self._client, replica.url)
+                failures = 0 if healthy else failures + 1
+            replica.state = BackendState.RESTARTING
+            log.error("%s: failed %d health checks in a row", spec.name, failures)
+        finally:
+            exited.cancel()
+
+    async def _report_progress(self) -> None:
+        """While anything loads, say every few seconds what each backend is doing."""
+        while True:
+            await asyncio.sleep(self.timings.progress_interval)
+            for backend in self.backends.values():
+                state = backend.replica.state
+                if state in (BackendState.LOADING, BackendState.RESTARTING):
+                    elapsed = time.monotonic() - backend.process.started_at
+                    last = (backend.process.tail(1) or [""])[0][:160]
+                    log.info("%s: %s for %.0fs | %s", backend.spec.name, state, elapsed, last)
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """Each backend's state, for status pages and logs."""
+        now = time.monotonic()
+        return [
+            {
+                "name": b.spec.name,
+                "state": str(b.replica.state),
+                "url": b.replica.url,
+                "gpus": list(b.spec.gpus),
+                "pid": b.process.pid,
+                "restarts": b.restarts,
+                "uptime_s": round(now - b.ready_since, 1) if b.ready_since else None,
+                "log": str(b.process.log_path),
+            }
+            for b in self.backends.values()
+        ]

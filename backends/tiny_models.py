@@ -1,0 +1,178 @@
+"""Tiny random-weight models that real vLLM serves on a CPU, built here in seconds.
+
+No model can be downloaded in CI, yet the tests and the demo must talk to real vLLM servers.
+These models are deterministic (fixed seeds), small (a few MB) and shaped as vLLM's CPU build
+needs (head_dim 64). Their answers are nonsense; their wire format is exactly vLLM's.
+
+    chat/      Qwen2 causal LM with a ChatML template and <think> / </think> tokens
+    embed/     BERT encoder (served with --runner pooling)
+    rerank/    BERT cross-encoder with one label (score and rerank)
+
+Needs torch, transformers and tokenizers: the `cpu` extra of this project brings them.
+"""
+
+# transformers' constructors are untyped: checking calls into them adds nothing here.
+# mypy: disable-error-code="no-untyped-call,call-arg,arg-type,attr-defined"
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+VOCAB_SIZE = 2048
+HIDDEN = 128
+HEADS = 2  # head_dim = 64: vLLM's CPU attention needs 32 or more
+KINDS = ("chat", "embed", "rerank")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_WORDS = """
+the a model server gateway request token stream vector query document answer question
+fast slow small large cat dog river mountain city light dark red blue green time day
+night is are was be have has do make take see know think say give find tell ask work
+seem feel and or but if then because when where while with without into over under
+between through one two three four five hundred first last next every some many few
+all none more less paris london tokyo berlin rome data code test build ship deploy
+scale cache memory gpu cpu hello world please thanks sorry yes no maybe what why how
+who which this that these those
+""".split()
+
+
+def corpus(lines: int = 4000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 16))]
+        words[0] = words[0].capitalize()
+        out.append(" ".join(words) + rng.choice([".", "?", "!", ","]))
+    return out
+
+
+def build_all(out_dir: str | Path, kinds: tuple[str, ...] = KINDS) -> dict[str, Path]:
+    """Build (or reuse) each kind under ``out_dir``; returns kind -> model directory."""
+    out = Path(out_dir)
+    builders = {"chat": build_chat, "embed": build_embedder, "rerank": build_reranker}
+    built = {}
+    for kind in kinds:
+        target = out / kind
+        if not (target / "config.json").exists() or not (target / "tokenizer.json").exists():
+            builders[kind](target)
+        built[kind] = target
+    return built
+
+
+def build_chat(target: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - 8,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.add_tokens(["<think>", "</think>"])  # what deepseek_r1's reasoning parser looks for
+    tokenizer.chat_template = CHAT_TEMPLATE
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        dtype="float32",
+    )
+    _save(Qwen2ForCausalLM(config), tokenizer, target)
+
+
+def _bert_tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(
+        corpus(seed=1),
+        trainers.WordPieceTrainer(
+            vocab_size=VOCAB_SIZE, special_tokens=specials, show_progress=False
+        ),
+    )
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return BertTokenizerFast(tokenizer_object=tok, do_lower_case=True)
+
+
+def _bert_config(tokenizer: Any, **extra: Any) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        intermediate_size=2 * HIDDEN,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+        **extra,
+    )
+
+
+def build_embedder(target: Path) -> None:
+    import torch
+    from transformers import BertModel
+
+    tokenizer = _bert_tokenizer()
+    torch.manual_seed(1)
+    _save(BertModel(_bert_config(tokenizer), add_pooling_layer=False), tokenizer, target)
+
+
+def build_reranker(target: Path) -> None:
+    import torch
+    from transformers import BertForSequenceClassification
+
+    tokenizer = _bert_tokenizer()
+    torch.manual_seed(2)
+    config = _bert_config(tokenizer, num_labels=1, id2label={0: "LABEL_0"})
+    _save(BertForSequenceClassification(config), tokenizer, target)
+
+
+def _save(model: Any, tokenizer: Any, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    (target / "tiny-model.json").write_text(
+        json.dumps({"built_by": "vllm-gateway tiny-models", "random_weights": True}) + "\n"
+    )

@@ -1,0 +1,150 @@
+"""`vllm-gateway`: serve, check, plan, tiny-models.
+
+Options fall back to environment variables (VLLM_GATEWAY_CONFIG, VLLM_GATEWAY_HOST,
+VLLM_GATEWAY_PORT), so a container needs no command-line changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from backends.placement import gpu_map, placement_problems, visible_gpu_count
+from backends.spec import shell_line
+from gateway.launch import backend_specs
+from gateway.settings import ConfigError, GatewaySettings, load_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = {"serve": serve, "check": check, "plan": plan, "tiny-models": tiny_models}
+    return handler[args.command](args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="vllm-gateway", description="One OpenAI-compatible URL in front of vLLM servers."
+    )
+    commands = parser.add_subparsers(dest="command")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config",
+            default=env("VLLM_GATEWAY_CONFIG"),
+            required=not env("VLLM_GATEWAY_CONFIG"),
+            help="YAML config file (env VLLM_GATEWAY_CONFIG)",
+        )
+        return p
+
+    serve_p = with_config(commands.add_parser("serve", help="run the gateway"))
+    serve_p.add_argument(
+        "--host", default=env("VLLM_GATEWAY_HOST"), help="default: config, 127.0.0.1"
+    )
+    serve_p.add_argument(
+        "--port", type=int, default=env("VLLM_GATEWAY_PORT"), help="default: config, 8000"
+    )
+    serve_p.add_argument("--log-level", default=env("VLLM_GATEWAY_LOG_LEVEL"))
+    with_config(commands.add_parser("check", help="validate a config and exit"))
+    with_config(commands.add_parser("plan", help="print the GPU map and backend commands"))
+    tiny = commands.add_parser("tiny-models", help="build tiny random-weight test models")
+    tiny.add_argument("dir", help="output directory (chat/, embed/, rerank/ inside)")
+    return parser
+
+
+def _load(args: argparse.Namespace, **overrides: Any) -> GatewaySettings | None:
+    try:
+        return load_settings(args.config, **overrides)
+    except ConfigError as exc:
+        print(f"{exc.source}: invalid configuration", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _placement_ok(settings: GatewaySettings) -> bool:
+    problems = placement_problems(backend_specs(settings), visible_gpu_count())
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    return not problems
+
+
+def check(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    if settings is None or not _placement_ok(settings):
+        return 2
+    print(f"{args.config}: OK, {len(settings.models)} models")
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    if settings is None:
+        return 2
+    specs = backend_specs(settings)
+    print("GPU map:")
+    for gpu, tenants in gpu_map(specs).items():
+        total = sum(share for _, share in tenants)
+        names = ", ".join(f"{name} ({share:.0%})" for name, share in tenants)
+        print(f"  GPU {gpu}: {total:.0%} used by {names}")
+    if not gpu_map(specs):
+        print("  (no model names GPUs)")
+    for model in settings.models:
+        print(
+            f"\n{model.name}" + (f" (aliases: {', '.join(model.aliases)})" if model.aliases else "")
+        )
+        if model.url is not None:
+            print(f"  connect: {model.url}")
+    for spec in specs:
+        print(f"\n{spec.name}:")
+        env = {k: v for k, v in spec.environment({}).items()}
+        if env:
+            print("  env: " + " ".join(f"{k}={v}" for k, v in env.items()))
+        print(
+            "  cmd: "
+            + shell_line(spec.command(port=0, api_key="<generated>")).replace(
+                "--port 0", "--port <free>"
+            )
+        )
+    return 0 if _placement_ok(settings) else 2
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = _load(args, host=args.host, port=args.port, log_level=args.log_level)
+    if settings is None or not _placement_ok(settings):
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        loop="auto",
+        http="auto",
+        server_header=False,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def tiny_models(args: argparse.Namespace) -> int:
+    from backends.tiny_models import build_all
+
+    for kind, path in build_all(args.dir).items():
+        print(f"{kind}: {path}")
+    return 0

@@ -1,0 +1,149 @@
+"""The gateway's errors, and the one place they become OpenAI-shaped responses.
+
+Every error the gateway itself makes is a ``GatewayError`` subclass; the class fixes the HTTP
+status, the OpenAI ``type`` and ``code``. Nothing chooses a status by reading message text.
+
+    GatewayError                      500 internal_error
+    ├── InvalidRequest                400 invalid_request_error
+    │   ├── InvalidJSON               400   code invalid_json
+    │   └── InvalidModel              400   code invalid_model (param model)
+    ├── AuthenticationFailed          401 authentication_error / invalid_api_key
+    ├── ModelNotFound                 404 invalid_request_error / model_not_found
+    ├── RouteNotFound                 404 invalid_request_error / not_found
+    ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed
+    ├── PayloadTooLarge               413 invalid_request_error / payload_too_large
+    ├── UnsupportedMediaType          415 invalid_request_error / unsupported_media_type
+    ├── BadGateway                    502 upstream_error / bad_gateway
+    ├── BackendUnavailable            503 service_unavailable / backend_unavailable
+    │   └── BackendLoading            503   code backend_loading (with Retry-After)
+    └── GatewayTimeout                504 timeout_error / upstream_timeout
+
+Errors from aiohttp (the layer below) are translated into these in ``gateway.upstream`` only.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+
+from gateway.types import Send
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+    code: ClassVar[str | None] = "internal_error"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", b"application/json")]
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(self.retry_after).encode()))
+        return headers
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code: ClassVar[str | None] = None
+
+
+class InvalidJSON(InvalidRequest):
+    code = "invalid_json"
+
+
+class InvalidModel(InvalidRequest):
+    code = "invalid_model"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class RouteNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class BadGateway(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "bad_gateway"
+
+
+class BackendUnavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "backend_unavailable"
+
+
+class BackendLoading(BackendUnavailable):
+    code = "backend_loading"
+
+
+class GatewayTimeout(GatewayError):
+    status = 504
+    type = "timeout_error"
+    code = "upstream_timeout"
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+
+
+def sse_error_event(error: GatewayError) -> bytes:
+    """The tail of a stream that broke after its 200 was sent: an error event, then [DONE].
+
+    vLLM ends its own streams the same way, so clients that handle one handle both.
+    """
+    return b"data: " + error.body() + b"\n\ndata: [DONE]\n\n"
+
+
+async def send_error(send: Send, error: GatewayError, request_id: bytes | None = None) -> None:
+    """Render a gateway error as OpenAI's error JSON: the one place that does it."""
+    body = error.body()
+    headers = [*error.headers(), (b"content-length", str(len(body)).encode())]
+    if request_id is not None:
+        headers.append((b"x-request-id", request_id))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

