@@ -1,0 +1,294 @@
+"""A fast fake vLLM server: vLLM's wire format, none of its work.
+
+For load tests (so the gateway is what gets measured) and for faults a real server cannot be
+made to show on demand. Never the only evidence that a feature works: the real-vLLM tests are.
+
+    python load/fake_vllm.py --port 9001 --served-model-name m [--chunks 16 --gap-ms 5]
+
+It accepts `vllm serve`'s flags that the gateway passes (--model, --host, --api-key, ...), so
+the supervisor can spawn it in tests as it spawns vLLM. A request may carry a `fake` object to
+change one response: {"chunks": 3, "gap_ms": 50, "die_after": 2, "hang_after": 2, "hang": true,
+"status": 500, "echo_headers": true}.
+`GET /fake/stats` reports requests started, completed and aborted (client went away).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httptools
+import orjson
+
+
+@dataclass
+class Options:
+    served_names: list[str]
+    api_key: str | None = None
+    chunks: int = 16
+    gap_ms: float = 0.0
+    max_model_len: int = 2048
+    startup_delay: float = 0.0
+    stats: dict[str, int] = field(
+        default_factory=lambda: {"started": 0, "completed": 0, "aborted": 0}
+    )
+
+
+class _Request:
+    __slots__ = ("body", "headers", "method", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.body = bytearray()
+        self.method = b""
+
+
+class FakeVllmProtocol(asyncio.Protocol):
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.request = _Request()
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._write(400, b'{"error":"bad request"}', keep_alive=False)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.request = _Request()
+
+    def on_url(self, url: bytes) -> None:
+        self.request.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.request.headers[name.lower()] = value
+
+    def on_body(self, body: bytes) -> None:
+        self.request.body += body
+
+    def on_message_complete(self) -> None:
+        self.request.method = self.parser.get_method()
+        self.task = asyncio.get_running_loop().create_task(self._handle(self.request))
+
+    # handling
+    async def _handle(self, req: _Request) -> None:
+        path = req.url.split(b"?", 1)[0]
+        opts = self.options
+        if path == b"/health":
+            return self._write(200, b"")
+        if path == b"/fake/stats":
+            return self._write(200, orjson.dumps(opts.stats))
+        if opts.api_key and path.startswith(b"/v1"):
+            if req.headers.get(b"authorization") != b"Bearer " + opts.api_key.encode():
+                return self._write(401, b'{"error":"Unauthorized"}')
+        if path == b"/v1/models":
+            cards = [
+                {
+                    "id": n,
+                    "object": "model",
+                    "owned_by": "vllm",
+                    "max_model_len": opts.max_model_len,
+                }
+                for n in opts.served_names
+            ]
+            return self._write(200, orjson.dumps({"object": "list", "data": cards}))
+        try:
+            body: dict[str, Any] = orjson.loads(req.body) if req.body else {}
+        except orjson.JSONDecodeError:
+            return self._write(400, _error("invalid JSON", 400))
+        if body.get("model") not in opts.served_names:
+            return self._write(404, _error(f"The model `{body.get('model')}` does not exist.", 404))
+        fake = body.get("fake") or {}
+        if "status" in fake:
+            return self._write(int(fake["status"]), _error("fake failure", int(fake["status"])))
+        if fake.get("echo_headers"):
+            headers = {k.decode(): v.decode() for k, v in req.headers.items()}
+            return self._write(200, orjson.dumps({"headers": headers, "model": body["model"]}))
+        opts.stats["started"] += 1
+        try:
+            if fake.get("hang"):
+                await asyncio.sleep(3600)
+            if path == b"/v1/chat/completions" and body.get("stream"):
+                await self._stream(body, fake)
+            elif path == b"/v1/chat/completions":
+                await self._sleep(fake.get("gap_ms", opts.gap_ms) * self._chunks(fake) / 1000)
+                self._write(200, _chat_completion(body["model"], self._chunks(fake)))
+            elif path == b"/v1/embeddings":
+                self._write(200, _embeddings(body))
+            elif path in (b"/v1/rerank", b"/rerank"):
+                self._write(200, _rerank(body))
+            else:
+                self._write(404, b'{"detail":"Not Found"}')
+                return
+            opts.stats["completed"] += 1
+        except asyncio.CancelledError:
+            opts.stats["aborted"] += 1
+
+    def _chunks(self, fake: dict[str, Any]) -> int:
+        return int(fake.get("chunks", self.options.chunks))
+
+    async def _sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+
+    async def _stream(self, body: dict[str, Any], fake: dict[str, Any]) -> None:
+        assert self.transport is not None
+        model, chunks = body["model"], self._chunks(fake)
+        gap = float(fake.get("gap_ms", self.options.gap_ms)) / 1000
+        die_after = fake.get("die_after")
+        hang_after = fake.get("hang_after")
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        head = f'{{"id":"chatcmpl-fake","object":"chat.completion.chunk","created":{int(time.time())},"model":"{model}","choices":[{{"index":0,"delta":{{"content":"'.encode()
+        for i in range(chunks):
+            if die_after is not None and i >= int(die_after):
+                self.transport.abort()  # a backend dying mid-stream
+                raise asyncio.CancelledError
+            if hang_after is not None and i >= int(hang_after):
+                await asyncio.sleep(3600)  # a backend that stops sending
+            await self._sleep(gap)
+            if self.closed:
+                raise asyncio.CancelledError
+            event = b"data: " + head + b'tok"},"logprobs":null,"finish_reason":null}]}\n\n'
+            self.transport.write(b"%x\r\n%s\r\n" % (len(event), event))
+        tail = b"data: [DONE]\n\n"
+        self.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+
+    def _write(self, status: int, body: bytes, keep_alive: bool = True) -> None:
+        if self.transport is None or self.closed:
+            return
+        reason = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found"}
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (status, reason.get(status, b"Error"), len(body), body)
+        )
+        if not keep_alive:
+            self.transport.close()
+
+
+def _error(message: str, status: int) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
+    )
+
+
+def _chat_completion(model: str, tokens: int) -> bytes:
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "tok" * tokens},
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens},
+        }
+    )
+
+
+def _embeddings(body: dict[str, Any]) -> bytes:
+    inputs = body.get("input", "")
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    data = [
+        {"index": i, "object": "embedding", "embedding": [0.1, 0.2, 0.3, 0.4]}
+        for i in range(len(inputs))
+    ]
+    return orjson.dumps(
+        {
+            "object": "list",
+            "model": body["model"],
+            "data": data,
+            "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+        }
+    )
+
+
+def _rerank(body: dict[str, Any]) -> bytes:
+    docs = body.get("documents", [])
+    results = [
+        {"index": i, "document": {"text": d}, "relevance_score": 1.0 / (i + 1)}
+        for i, d in enumerate(docs)
+    ]
+    return orjson.dumps({"id": "rerank-fake", "model": body["model"], "results": results})
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Options]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model_pos", nargs="?")
+    parser.add_argument("--model", default="fake")
+    parser.add_argument("--served-model-name", nargs="+")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9001)
+    parser.add_argument("--api-key")
+    parser.add_argument("--chunks", type=int, default=16)
+    parser.add_argument("--gap-ms", type=float, default=0.0)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--startup-delay", type=float, default=0.0, help="seconds before listening")
+    args, _unknown = parser.parse_known_args(argv)  # ignore other vLLM flags
+    options = Options(
+        served_names=args.served_model_name or [args.model_pos or args.model],
+        api_key=args.api_key,
+        chunks=args.chunks,
+        gap_ms=args.gap_ms,
+        max_model_len=args.max_model_len,
+        startup_delay=args.startup_delay,
+    )
+    return args, options
+
+
+async def serve(host: str, port: int, options: Options) -> None:
+    if options.startup_delay:
+        await asyncio.sleep(options.startup_delay)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: FakeVllmProtocol(options), host, port, backlog=4096)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"fake vLLM serving {options.served_names} on http://{host}:{port}", flush=True)
+    async with server:
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, options = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    if os.environ.get("FAKE_VLLM_EXIT_AT_START"):
+        sys.exit(int(os.environ["FAKE_VLLM_EXIT_AT_START"]))
+    asyncio.run(serve(args.host, args.port, options))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Layouts that cannot work are refused before anything starts, naming the models involved."""
+
+from backends.placement import gpu_map, placement_problems
+from backends.spec import VllmSpec
+
+
+def spec(name: str, gpus: tuple[int, ...], share: float = 0.9, **args: object) -> VllmSpec:
+    return VllmSpec(
+        name=name, model=name, gpus=gpus, args={"gpu-memory-utilization": share, **args}
+    )
+
+
+def test_models_sharing_a_gpu_within_095_fit() -> None:
+    specs = [spec("embed", (7,), 0.3), spec("rerank", (7,), 0.3), spec("chat", (0, 1), 0.9)]
+    assert placement_problems(specs, gpu_count=8) == []
+    assert gpu_map(specs) == {
+        0: [("chat", 0.9)],
+        1: [("chat", 0.9)],
+        7: [("embed", 0.3), ("rerank", 0.3)],
+    }
+
+
+def test_oversubscribed_gpu_is_refused() -> None:
+    found = placement_problems([spec("a", (0,), 0.6), spec("b", (0,), 0.5)], gpu_count=1)
+    assert found == [
+        "GPU 0: gpu-memory-utilization adds up to 1.10 > 0.95 (a 0.6, b 0.5); "
+        "lower the shares or move a model"
+    ]
+
+
+def test_tensor_parallel_must_match_gpu_count() -> None:
+    found = placement_problems([spec("big", (0, 1, 2), **{"tensor-parallel-size": 2})], None)
+    assert found == [
+        "big: tensor-parallel-size x pipeline-parallel-size is 2 but 3 GPUs are listed (0,1,2)"
+    ]
+
+
+def test_missing_gpu_is_refused_when_the_count_is_known() -> None:
+    found = placement_problems([spec("a", (6, 7))], gpu_count=4)
+    assert found == ["a: GPU 6,7 does not exist (this machine has 4: 0-3)"]
+    assert placement_problems([spec("a", (6, 7))], gpu_count=None) == []

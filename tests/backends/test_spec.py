@@ -1,0 +1,61 @@
+"""A backend spec becomes exactly the `vllm serve` command and environment it describes."""
+
+from backends.spec import PYTHON_LAUNCHER, VllmSpec, render_flag
+
+
+def test_vllm_serve_takes_the_model_positionally() -> None:
+    spec = VllmSpec(
+        name="chat",
+        model="Qwen/Qwen2.5-72B-Instruct",
+        gpus=(0, 1, 2, 3),
+        args={"max-model-len": 32768, "gpu-memory-utilization": 0.9},
+    )
+    assert spec.command(8001, "k") == [
+        "vllm",
+        "serve",
+        "Qwen/Qwen2.5-72B-Instruct",
+        "--served-model-name",
+        "chat",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8001",
+        "--api-key",
+        "k",
+        "--max-model-len",
+        "32768",
+        "--gpu-memory-utilization",
+        "0.9",
+        "--tensor-parallel-size",
+        "4",
+    ]
+
+
+def test_module_launcher_takes_model_as_a_flag() -> None:
+    spec = VllmSpec(name="m", model="/models/tiny", launcher=PYTHON_LAUNCHER)
+    cmd = spec.command(9000, None)
+    assert cmd[:5] == [
+        "python",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "/models/tiny",
+    ]
+    assert "--api-key" not in cmd
+
+
+def test_flag_values() -> None:
+    assert render_flag("enforce-eager", True) == ["--enforce-eager"]
+    assert render_flag("enforce-eager", False) == []
+    assert render_flag("limit-mm-per-prompt", {"image": 4, "video": 1}) == [
+        "--limit-mm-per-prompt",
+        '{"image":4,"video":1}',
+    ]
+    assert render_flag("middleware", ["a", "b"]) == ["--middleware", "a", "b"]
+
+
+def test_gpus_become_cuda_visible_devices() -> None:
+    spec = VllmSpec(name="m", model="x", gpus=(4, 5), env={"VLLM_LOGGING_LEVEL": "DEBUG"})
+    env = spec.environment({"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "4,5", "VLLM_LOGGING_LEVEL": "DEBUG"}
+    assert spec.tensor_parallel_size == 2

@@ -1,0 +1,93 @@
+"""A config is validated once, and every problem is named by its field."""
+
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import ConfigError, load_settings, settings_from_dict
+
+CHAT = {"name": "tiny-chat", "aliases": ["chat"], "url": "http://127.0.0.1:18001"}
+
+
+def problems(raw: dict, **kwargs) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        settings_from_dict(raw, env={}, **kwargs)
+    return info.value.problems
+
+
+def test_minimal_connect_config() -> None:
+    settings = settings_from_dict({"models": [CHAT]}, env={})
+    assert settings.models[0].names == ["tiny-chat", "chat"]
+    assert settings.models[0].url == "http://127.0.0.1:18001"
+    assert settings.api_keys == []
+    assert settings.timeouts.first_byte >= 600  # long non-streamed generations must fit
+
+
+def test_keys_from_environment_are_added() -> None:
+    settings = settings_from_dict(
+        {"models": [CHAT], "api_keys": ["sk-a"]}, env={"VLLM_GATEWAY_API_KEYS": "sk-b, sk-c"}
+    )
+    assert [k.get_secret_value() for k in settings.api_keys] == ["sk-a", "sk-b", "sk-c"]
+    assert "sk-a" not in repr(settings)  # secrets never print
+
+
+def test_bad_url_is_named_by_its_field() -> None:
+    models = [CHAT, {"name": "b", "url": "http://x:1"}, {"name": "c", "url": "ftp://host"}]
+    assert problems({"models": models}) == ["models[2].url: not an http(s) URL"]
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = problems({"models": [{"name": "", "url": "nope"}], "port": 70000, "colour": "red"})
+    assert any(p.startswith("models[0].name:") for p in found)
+    assert "models[0].url: not an http(s) URL" in found
+    assert any(p.startswith("port:") for p in found)
+    assert "colour: unknown option (check the spelling)" in found
+
+
+def test_a_model_needs_exactly_one_mode() -> None:
+    both = {"name": "m", "url": "http://h:1", "vllm": {"model": "m"}}
+    neither = {"name": "m"}
+    assert problems({"models": [both]}) == [
+        "models[0]: give either `url` (a running server) or `vllm` (spawn one)"
+    ]
+    assert problems({"models": [neither]})[0].startswith("models[0]: give either")
+
+
+def test_duplicate_names_and_aliases_are_refused() -> None:
+    found = problems(
+        {"models": [CHAT, {"name": "other", "aliases": ["chat"], "url": "http://h:2"}]}
+    )
+    assert found == ["(top level): models[1]: name 'chat' is already used by models[0] (tiny-chat)"]
+
+
+def test_vllm_args_are_written_without_dashes_and_without_gateway_owned_flags() -> None:
+    found = problems({"models": [{"name": "m", "vllm": {"model": "x", "args": {"--port": 1}}}]})
+    assert found == ["models[0].vllm.args: write flags without dashes: '--port' -> 'port'"]
+    found = problems({"models": [{"name": "m", "vllm": {"model": "x", "args": {"port": 1}}}]})
+    assert found == ["models[0].vllm.args: 'port' is set by the gateway; leave it out"]
+
+
+def test_cors_wildcard_with_credentials_is_refused() -> None:
+    cors = {"allowed_origins": ["*"], "allow_credentials": True}
+    assert problems({"models": [CHAT], "cors": cors}) == [
+        "cors: allowed_origins '*' cannot be combined with allow_credentials"
+    ]
+
+
+def test_files_that_are_not_configs(tmp_path: Path) -> None:
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad_yaml)
+    a_list = tmp_path / "list.yaml"
+    a_list.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_settings(a_list)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml")
+
+
+def test_cli_overrides_win_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("port: 9000\nmodels:\n  - {name: m, url: 'http://h:1'}\n")
+    assert load_settings(path, env={}, port=9100, host=None).port == 9100

@@ -1,0 +1,119 @@
+"""Real local servers for tests: the gateway on loopback, fake and real vLLM processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from backends.process import free_port
+from gateway.app import create_app
+from gateway.settings import GatewaySettings, settings_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_VLLM = str(ROOT / "load" / "fake_vllm.py")
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str, every: float = 0.05
+) -> None:
+    """Poll a condition with a deadline: tests wait on conditions, never on fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class FakeBackend:
+    """A fake vLLM server process on a free loopback port."""
+
+    def __init__(self, name: str = "fake", *args: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                FAKE_VLLM,
+                "--port",
+                str(self.port),
+                "--served-model-name",
+                name,
+                *args,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_until(lambda: answers(self.url + "/health"), 15, f"fake backend {name}")
+
+    def stats(self) -> dict[str, int]:
+        result: dict[str, int] = httpx.get(self.url + "/fake/stats").json()
+        return result
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class GatewayServer:
+    """The gateway app under a real uvicorn, in a thread, on a free loopback port."""
+
+    def __init__(self, settings: GatewaySettings, **app_kwargs: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_app(settings, **app_kwargs)
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, 30, "gateway start")
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def gateway_settings(models: list[dict[str, Any]], **extra: Any) -> GatewaySettings:
+    return settings_from_dict({"models": models, **extra}, env={})
+
+
+@contextlib.contextmanager
+def running_gateway(models: list[dict[str, Any]], **extra: Any) -> Iterator[GatewayServer]:
+    server = GatewayServer(gateway_settings(models, **extra))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
