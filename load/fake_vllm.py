@@ -99,9 +99,11 @@ class FakeVllmProtocol(asyncio.Protocol):
             return self._write(200, b"")
         if path == b"/fake/stats":
             return self._write(200, orjson.dumps(opts.stats))
-        if opts.api_key and path.startswith(b"/v1"):
-            if req.headers.get(b"authorization") != b"Bearer " + opts.api_key.encode():
-                return self._write(401, b'{"error":"Unauthorized"}')
+        authorized = (
+            req.headers.get(b"authorization") == b"Bearer %s" % (opts.api_key or "").encode()
+        )
+        if opts.api_key and path.startswith(b"/v1") and not authorized:
+            return self._write(401, b'{"error":"Unauthorized"}')
         if path == b"/v1/models":
             cards = [
                 {
@@ -162,7 +164,10 @@ class FakeVllmProtocol(asyncio.Protocol):
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
             b"transfer-encoding: chunked\r\n\r\n"
         )
-        head = f'{{"id":"chatcmpl-fake","object":"chat.completion.chunk","created":{int(time.time())},"model":"{model}","choices":[{{"index":0,"delta":{{"content":"'.encode()
+        head = (
+            b'{"id":"chatcmpl-fake","object":"chat.completion.chunk","created":%d,"model":"%s",'
+            b'"choices":[{"index":0,"delta":{"content":"' % (int(time.time()), model.encode())
+        )
         for i in range(chunks):
             if die_after is not None and i >= int(die_after):
                 self.transport.abort()  # a backend dying mid-stream

@@ -60,7 +60,8 @@ def multipart(fields: dict[str, bytes], boundary: str = "b0undary") -> tuple[byt
     for name, value in fields.items():
         filename = '; filename="a.wav"' if name == "file" else ""
         parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{filename}\r\n\r\n'.encode()
+            f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="{name}"{filename}\r\n\r\n'.encode()
             + value
             + b"\r\n"
         )
