@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
+from backends.reaper import GRACE_ENV
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
@@ -44,7 +46,7 @@ class BackendProcess:
     def returncode(self) -> int | None:
         return self._proc.returncode if self._proc else None
 
-    async def start(self, cmd: list[str], env: Mapping[str, str]) -> None:
+    async def start(self, cmd: list[str], env: Mapping[str, str], stop_grace: float) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self._log.write(f"\n=== {time.strftime('%F %T')} starting: {' '.join(cmd)}\n".encode())
@@ -56,7 +58,7 @@ class BackendProcess:
             "backends.reaper",
             "--",
             *cmd,
-            env=dict(env),
+            env={**env, GRACE_ENV: str(stop_grace)},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=self._log,
             stderr=asyncio.subprocess.STDOUT,
@@ -69,7 +71,11 @@ class BackendProcess:
         return await self._proc.wait()
 
     async def stop(self, grace: float) -> None:
-        """SIGTERM to the reaper (which stops the server's whole group), SIGKILL if it lingers."""
+        """SIGTERM to the reaper (which stops the server's whole group), SIGKILL if it lingers.
+
+        ``grace`` must be the one the process was started with: the reaper waits that long
+        before it SIGKILLs the server's group.
+        """
         proc = self._proc
         if proc is not None and proc.returncode is None:
             proc.send_signal(signal.SIGTERM)

@@ -17,7 +17,7 @@ import sys
 import time
 from types import FrameType
 
-GRACE_SECONDS = float(os.environ.get("VLLM_GATEWAY_STOP_GRACE", "15"))
+GRACE_ENV = "VLLM_GATEWAY_STOP_GRACE"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -30,13 +30,17 @@ def set_parent_death_signal(sig: int) -> None:
         pass
 
 
-def stop_group(pgid: int, grace: float) -> None:
+def stop_group(leader: subprocess.Popen[bytes], grace: float) -> None:
+    """Stop the leader's process group; the leader is reaped as it goes (a zombie still counts
+    as a member of its group)."""
+    pgid = leader.pid
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
+        leader.poll()
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
@@ -56,17 +60,27 @@ def main(argv: list[str]) -> int:
     set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent:  # the gateway died before the signal was armed
         return 1
+    grace = float(os.environ.pop(GRACE_ENV, "15"))
     child = subprocess.Popen(argv, start_new_session=True)
 
     def on_signal(signum: int, _: FrameType | None) -> None:
-        stop_group(child.pid, GRACE_SECONDS)
-        sys.exit(128 + signum)
+        raise _StopRequested(signum)  # leaves child.wait(), which holds the lock poll() needs
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    code = child.wait()
-    stop_group(child.pid, 2.0)  # engine workers the server left behind
+    try:
+        code = child.wait()
+    except _StopRequested as stop:
+        stop_group(child, grace)
+        return 128 + stop.signum
+    stop_group(child, 2.0)  # engine workers the server left behind
     return code
+
+
+class _StopRequested(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ class Supervisor:
         spec, replica, process = backend.spec, backend.replica, backend.process
         port, key = free_port(), secrets.token_urlsafe(24)
         replica.url, replica.api_key = f"http://127.0.0.1:{port}", key
-        await process.start(spec.command(port, key), spec.environment())
+        await process.start(spec.command(port, key), spec.environment(), self.timings.stop_grace)
         log.info("%s: starting on port %d (pid %s)", spec.name, port, process.pid)
         if not await self._wait_ready(backend):
             return False

@@ -278,8 +278,8 @@ async def serve(host: str, port: int, options: Options) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"fake vLLM serving {options.served_names} on http://{host}:{port}", flush=True)
-    async with server:
-        await stop.wait()
+    await stop.wait()
+    server.close()  # exit at once, open keep-alive connections or not, as vLLM does
 
 
 def main(argv: list[str] | None = None) -> None:
