@@ -97,23 +97,18 @@ def plan(args: argparse.Namespace) -> int:
         print(f"  GPU {gpu}: {total:.0%} used by {names}")
     if not gpu_map(specs):
         print("  (no model names GPUs)")
+    spec_by_name = {spec.name: spec for spec in specs}
     for model in settings.models:
-        print(
-            f"\n{model.name}" + (f" (aliases: {', '.join(model.aliases)})" if model.aliases else "")
-        )
+        aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
+        print(f"\n{model.name}{aliases}")
         if model.url is not None:
             print(f"  connect: {model.url}")
-    for spec in specs:
-        print(f"\n{spec.name}:")
-        env = {k: v for k, v in spec.environment({}).items()}
-        if env:
+            continue
+        spec = spec_by_name[model.name]
+        if env := spec.environment({}):
             print("  env: " + " ".join(f"{k}={v}" for k, v in env.items()))
-        print(
-            "  cmd: "
-            + shell_line(spec.command(port=0, api_key="<generated>")).replace(
-                "--port 0", "--port <free>"
-            )
-        )
+        cmd = shell_line(spec.command(port=0, api_key="<generated>"))
+        print("  cmd: " + cmd.replace("--port 0", "--port <free>"))
     return 0 if _placement_ok(settings) else 2
 
 

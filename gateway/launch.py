@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from backends.spec import VllmSpec
 from gateway.settings import GatewaySettings
 
@@ -11,7 +13,7 @@ def backend_specs(settings: GatewaySettings) -> list[VllmSpec]:
         VllmSpec(
             name=model.name,
             model=model.vllm.model,
-            launcher=tuple(settings.launcher),
+            launcher=launcher(settings.launcher),
             gpus=tuple(model.vllm.gpus),
             args=dict(model.vllm.args),
             env=dict(model.vllm.env),
@@ -19,3 +21,11 @@ def backend_specs(settings: GatewaySettings) -> list[VllmSpec]:
         for model in settings.models
         if model.vllm is not None
     ]
+
+
+def launcher(configured: list[str]) -> tuple[str, ...]:
+    """A launcher that starts with `python` runs under the gateway's own interpreter, the one
+    whose environment has vLLM installed, whatever `python` means on the PATH."""
+    if configured[0] in ("python", "python3"):
+        return (sys.executable, *configured[1:])
+    return tuple(configured)
