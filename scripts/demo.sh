@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The README demo: build the environment and the tiny models, start the gateway in spawn mode
+# on config/cpu-demo.yaml (four real vLLM CPU servers), send a few example requests, and leave
+# the gateway running on http://127.0.0.1:8000 until Ctrl-C. DEMO_EXIT=1 stops after the examples.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup-env.sh
+py=.venv/bin/python
+.venv/bin/vllm-gateway tiny-models .cache/tiny-models
+.venv/bin/vllm-gateway serve --config config/cpu-demo.yaml &
+gateway=$!
+trap 'kill -TERM $gateway 2>/dev/null; wait $gateway 2>/dev/null' EXIT INT TERM
+"$py" scripts/demo_requests.py http://127.0.0.1:8000
+if [ -z "${DEMO_EXIT:-}" ]; then
+  echo "The gateway keeps running on http://127.0.0.1:8000 (Ctrl-C stops it and every vLLM server)."
+  wait $gateway
+fi

@@ -1,0 +1,213 @@
+"""Every routed endpoint, through the gateway and directly, against real vLLM CPU servers.
+
+The gateway must be invisible: the same status, the same body (ids and timestamps aside), the
+same stream event by event. Clients are the official OpenAI SDK and raw httpx.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import KEY
+from tests.servers import GatewayServer
+
+pytestmark = pytest.mark.vllm
+VOLATILE = {"id", "created", "request_id"}
+
+
+@pytest.fixture(scope="module")
+def client(gateway: GatewayServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
+
+
+def direct_client(vllm: dict[str, str], model: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{vllm[model]}/v1", api_key="unused", max_retries=0)
+
+
+def scrub(value: Any) -> Any:
+    """The response without the fields that differ on every call."""
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    return value
+
+
+CHAT = {
+    "messages": [{"role": "user", "content": "hello there"}],
+    "max_tokens": 12,
+    "temperature": 0,
+    "seed": 7,
+}
+
+
+def test_chat_via_sdk_matches_direct(client: openai.OpenAI, vllm: dict[str, str]) -> None:
+    via = client.chat.completions.create(model="tiny-chat", **CHAT)
+    direct = direct_client(vllm, "tiny-chat").chat.completions.create(model="tiny-chat", **CHAT)
+    assert via.choices[0].message.content == direct.choices[0].message.content
+    assert via.usage == direct.usage
+    assert via.model == "tiny-chat"
+
+
+def test_alias_is_answered_under_the_canonical_name(client: openai.OpenAI) -> None:
+    assert client.chat.completions.create(model="chat", **CHAT).model == "tiny-chat"
+
+
+def stream_events(url: str, body: dict[str, Any], headers: dict[str, str]) -> list[Any]:
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = [e.removeprefix("data: ") for e in raw.split("\n\n") if e]
+    return [e if e == "[DONE]" else scrub(json.loads(e)) for e in events]
+
+
+@pytest.mark.parametrize("model", ["tiny-chat", "tiny-reasoner"])
+def test_stream_matches_direct_event_by_event(
+    gateway: GatewayServer, vllm: dict[str, str], model: str
+) -> None:
+    body = {**CHAT, "model": model, "stream": True, "stream_options": {"include_usage": True}}
+    via = stream_events(
+        f"{gateway.url}/v1/chat/completions", body, {"Authorization": f"Bearer {KEY}"}
+    )
+    direct = stream_events(f"{vllm[model]}/v1/chat/completions", body, {})
+    assert via == direct
+    assert via[-1] == "[DONE]" and via[-2]["usage"]["completion_tokens"] == 12
+
+
+def test_reasoning_field_reaches_the_client(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(model="tiny-reasoner", stream=True, **CHAT)
+    deltas = [chunk.choices[0].delta for chunk in stream if chunk.choices]
+    reasoning = [
+        getattr(d, "reasoning", None) or (d.model_extra or {}).get("reasoning") for d in deltas
+    ]
+    assert any(reasoning), "deepseek_r1's parser puts the tiny model's output in `reasoning`"
+
+
+def test_completions_match_direct(client: openai.OpenAI, vllm: dict[str, str]) -> None:
+    args = {"model": "tiny-chat", "prompt": "the cat", "max_tokens": 8, "temperature": 0}
+    via = client.completions.create(**args)
+    direct = direct_client(vllm, "tiny-chat").completions.create(**args)
+    assert via.choices[0].text == direct.choices[0].text
+
+
+def test_embeddings_identical_to_direct(client: openai.OpenAI, vllm: dict[str, str]) -> None:
+    inputs = ["the quick brown fox", "a gateway in front of vllm"]
+    via = client.embeddings.create(model="tiny-embed", input=inputs)
+    direct = direct_client(vllm, "tiny-embed").embeddings.create(model="tiny-embed", input=inputs)
+    assert [d.embedding for d in via.data] == [d.embedding for d in direct.data]
+    assert len(via.data[0].embedding) == 128
+
+
+def post_both(
+    gateway: GatewayServer, vllm: dict[str, str], model: str, path: str, body: dict[str, Any]
+) -> tuple[httpx.Response, httpx.Response]:
+    via = httpx.post(
+        f"{gateway.url}{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    )
+    direct = httpx.post(f"{vllm[model]}{path}", json=body, timeout=60)
+    return via, direct
+
+
+RERANK = {
+    "model": "tiny-rerank",
+    "query": "where is the cat",
+    "documents": ["the cat sat", "dogs run fast", "paris is a city"],
+    "top_n": 2,
+}
+SCORE = {"model": "tiny-rerank", "text_1": "where is the cat", "text_2": ["the cat sat", "dogs"]}
+CASES = [
+    ("tiny-rerank", "/v1/rerank", RERANK),
+    ("tiny-rerank", "/rerank", RERANK),
+    ("tiny-rerank", "/v2/rerank", RERANK),
+    ("tiny-rerank", "/score", SCORE),
+    ("tiny-rerank", "/v1/score", SCORE),
+    ("tiny-rerank", "/classify", {"model": "tiny-rerank", "input": ["the cat sat"]}),
+    ("tiny-embed", "/pooling", {"model": "tiny-embed", "input": "the cat sat"}),
+    ("tiny-chat", "/tokenize", {"model": "tiny-chat", "prompt": "the cat sat"}),
+    ("tiny-chat", "/detokenize", {"model": "tiny-chat", "tokens": [5, 6, 7]}),
+    (
+        "tiny-chat",
+        "/v1/messages/count_tokens",
+        {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]},
+    ),
+    (
+        "tiny-chat",
+        "/v1/messages",
+        {"model": "tiny-chat", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+    ),
+    (
+        "tiny-chat",
+        "/v1/responses",
+        {"model": "tiny-chat", "input": "hi", "max_output_tokens": 5, "temperature": 0},
+    ),
+]
+
+
+@pytest.mark.parametrize(("model", "path", "body"), CASES, ids=[c[1] for c in CASES])
+def test_endpoint_matches_direct(
+    gateway: GatewayServer, vllm: dict[str, str], model: str, path: str, body: dict[str, Any]
+) -> None:
+    via, direct = post_both(gateway, vllm, model, path, body)
+    assert via.status_code == direct.status_code
+    assert via.headers["content-type"] == direct.headers["content-type"]
+    if path in ("/v1/messages", "/v1/responses"):
+        assert via.status_code == 200  # generated text may differ in ids only
+        assert via.json().keys() == direct.json().keys()
+    else:
+        assert scrub(via.json()) == scrub(direct.json())
+
+
+def test_rerank_ranks_by_score(gateway: GatewayServer) -> None:
+    response = httpx.post(
+        f"{gateway.url}/v1/rerank", json=RERANK, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    scores = [r["relevance_score"] for r in response.json()["results"]]
+    assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+
+
+def test_audio_is_routed_by_its_form_field(gateway: GatewayServer, vllm: dict[str, str]) -> None:
+    """No speech model here: the chat server answers the upload itself (its own 404)."""
+    files = {"file": ("a.wav", b"RIFF0000WAVE", "audio/wav")}
+    via = httpx.post(
+        f"{gateway.url}/v1/audio/transcriptions",
+        data={"model": "tiny-chat"},
+        files=files,
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    direct = httpx.post(
+        f"{vllm['tiny-chat']}/v1/audio/transcriptions", data={"model": "tiny-chat"}, files=files
+    )
+    assert via.status_code == direct.status_code
+    assert via.content == direct.content
+    no_model = httpx.post(
+        f"{gateway.url}/v1/audio/transcriptions",
+        files=files,
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert no_model.status_code == 400
+
+
+def test_models_list_names_aliases_and_context_length(client: openai.OpenAI) -> None:
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) >= {"tiny-chat", "chat", "tiny-reasoner", "tiny-embed", "tiny-rerank"}
+    assert cards["chat"].model_extra["max_model_len"] == 1024
+    assert cards["tiny-embed"].model_extra["max_model_len"] == 512
+
+
+def test_sdk_sees_the_right_exceptions(gateway: GatewayServer, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError, match="Available models"):
+        client.chat.completions.create(model="gpt-4o", **CHAT)
+    wrong_key = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong_key.chat.completions.create(model="tiny-chat", **CHAT)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="nobody-home", **CHAT)
+    assert info.value.status_code == 503 and "nobody-home" in info.value.message
+    with pytest.raises(openai.BadRequestError):  # vLLM's own 400, passed through
+        client.chat.completions.create(model="tiny-chat", messages=[], max_tokens=-1)
