@@ -6,11 +6,14 @@ leave room for each other (and for CUDA's own context), so their shares may add 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 from backends.spec import VllmSpec
 
@@ -79,3 +82,70 @@ def visible_gpu_count() -> int | None:
 
 def _gpus(gpus: Sequence[int]) -> str:
     return ",".join(str(g) for g in gpus)
+
+
+# Bytes per parameter by weight format; quantized formats are approximate (scales and the
+# unquantized embedding add a little).
+_BYTES_PER_PARAM = {"fp8": 1.0, "int8": 1.0, "awq": 0.55, "gptq": 0.55, "bitsandbytes": 0.55}
+_DTYPE_BYTES = {"float32": 4.0, "float": 4.0}
+_PARAMS_IN_NAME = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])")
+HEADROOM = 0.9  # of a model's memory share, the weights may take at most this much
+
+
+def weight_bytes(spec: VllmSpec) -> tuple[float, str] | None:
+    """The model's weight size and how it was found: files on disk, else the name ("72B")."""
+    local = Path(spec.model)
+    if local.is_dir():
+        index = local / "model.safetensors.index.json"
+        if index.is_file():
+            total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+            if isinstance(total, int):
+                return float(total), "safetensors index"
+        files = list(local.glob("*.safetensors"))
+        if files:
+            return float(sum(f.stat().st_size for f in files)), "safetensors files"
+    match = _PARAMS_IN_NAME.search(local.name)
+    if match is None:
+        return None
+    params = float(match.group(1)) * 1e9
+    quant = str(spec.args.get("quantization", "")).lower()
+    per_param = _BYTES_PER_PARAM.get(quant) or _DTYPE_BYTES.get(str(spec.args.get("dtype")), 2.0)
+    return params * per_param, f"{match.group(1)}B parameters in the name"
+
+
+def fit_warnings(specs: Sequence[VllmSpec], gpu_memory_bytes: float | None) -> list[str]:
+    """Models whose weights clearly do not fit their GPUs' memory share."""
+    if gpu_memory_bytes is None:
+        return []
+    warnings = []
+    for spec in specs:
+        size = weight_bytes(spec)
+        if size is None or not spec.gpus:
+            continue
+        weights, source = size
+        budget = gpu_memory_bytes * len(spec.gpus) * spec.memory_share * HEADROOM
+        if weights > budget:
+            warnings.append(
+                f"{spec.name}: weights need ~{weights / 1e9:.0f} GB ({source}) but "
+                f"{len(spec.gpus)} GPU(s) x {gpu_memory_bytes / 1e9:.0f} GB x "
+                f"{spec.memory_share:g} leave ~{budget / 1e9:.0f} GB after KV-cache headroom; "
+                "add GPUs, raise gpu-memory-utilization or quantize"
+            )
+    return warnings
+
+
+def visible_gpu_memory() -> float | None:
+    """Bytes of memory on GPU 0, if nvidia-smi can tell."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return float(out[0]) * 2**20 if out else None

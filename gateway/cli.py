@@ -13,7 +13,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from backends.placement import gpu_map, placement_problems, visible_gpu_count
+from backends.placement import (
+    fit_warnings,
+    gpu_map,
+    placement_problems,
+    visible_gpu_count,
+    visible_gpu_memory,
+)
 from backends.spec import shell_line
 from gateway.launch import backend_specs
 from gateway.settings import ConfigError, GatewaySettings, load_settings
@@ -71,9 +77,15 @@ def _load(args: argparse.Namespace, **overrides: Any) -> GatewaySettings | None:
 
 
 def _placement_ok(settings: GatewaySettings) -> bool:
-    problems = placement_problems(backend_specs(settings), visible_gpu_count())
+    """Print refusals and weight-fit warnings; False if the layout cannot work."""
+    specs = backend_specs(settings)
+    problems = placement_problems(specs, visible_gpu_count())
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
+    gib = settings.gpu_memory_gib
+    memory = gib * 2**30 if gib is not None else visible_gpu_memory()
+    for warning in fit_warnings(specs, memory):
+        print(f"  warning: {warning}", file=sys.stderr)
     return not problems
 
 

@@ -127,6 +127,9 @@ class GatewaySettings(_Strict):
     timeouts: Timeouts = Field(default_factory=lambda: Timeouts())
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
     cors: CorsSettings | None = None
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="memory of each GPU, for the weight-fit estimate (else nvidia-smi)"
+    )
     launcher: list[str] = Field(default_factory=lambda: ["vllm", "serve"], min_length=1)
     log_dir: str = "logs"
     log_level: str = "info"

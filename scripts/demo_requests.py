@@ -12,21 +12,31 @@ base = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8000"
 client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
 models = ["tiny-chat", "tiny-reasoner", "tiny-embed", "tiny-rerank"]
 
-print("waiting for the four vLLM servers to load (1 to 3 minutes on a CPU)...", flush=True)
+PROBES = {
+    "tiny-chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    "tiny-reasoner": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    "tiny-embed": ("/v1/embeddings", {"input": "x"}),
+    "tiny-rerank": ("/v1/rerank", {"query": "x", "documents": ["y"]}),
+}
+
+
+def answers(model: str) -> bool:
+    path, body = PROBES[model]
+    try:
+        response = httpx.post(f"{base}{path}", json={"model": model, **body}, timeout=30)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+print("waiting for the four vLLM servers to load (about a minute on a CPU)...", flush=True)
 deadline = time.monotonic() + 900
 pending = set(models)
 while pending and time.monotonic() < deadline:
     for model in sorted(pending):
-        path, body = ("/v1/embeddings", {"input": "x"}) if "embed" in model else (
-            ("/v1/rerank", {"query": "x", "documents": ["y"]}) if "rerank" in model
-            else ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                            "max_tokens": 1}))
-        try:
-            if httpx.post(f"{base}{path}", json={"model": model, **body}, timeout=30).status_code == 200:
-                pending.discard(model)
-                print(f"  {model}: ready", flush=True)
-        except httpx.HTTPError:
-            pass
+        if answers(model):
+            pending.discard(model)
+            print(f"  {model}: ready", flush=True)
     time.sleep(2)
 if pending:
     sys.exit(f"not ready: {sorted(pending)}")
@@ -41,20 +51,30 @@ print("  (random weights: the words are nonsense, the protocol is vLLM's own)")
 
 print("\nstream from tiny-reasoner (deepseek_r1 parser puts text in `reasoning`):")
 for chunk in client.chat.completions.create(
-    model="tiny-reasoner", messages=[{"role": "user", "content": "Think."}], max_tokens=8,
+    model="tiny-reasoner",
+    messages=[{"role": "user", "content": "Think."}],
+    max_tokens=8,
     stream=True,
 ):
     if chunk.choices:
         delta = chunk.choices[0].delta
-        print(f"  event: reasoning={(delta.model_extra or {}).get('reasoning')!r} content={delta.content!r}")
+        reasoning = (delta.model_extra or {}).get("reasoning")
+        print(f"  event: reasoning={reasoning!r} content={delta.content!r}")
 
 emb = client.embeddings.create(model="tiny-embed", input=["a gateway", "in front of vLLM"])
-print(f"\nembeddings: {len(emb.data)} vectors of {len(emb.data[0].embedding)} floats, "
-      f"first values {[round(x, 4) for x in emb.data[0].embedding[:4]]}")
+print(
+    f"\nembeddings: {len(emb.data)} vectors of {len(emb.data[0].embedding)} floats, "
+    f"first values {[round(x, 4) for x in emb.data[0].embedding[:4]]}"
+)
 
-rerank = httpx.post(f"{base}/v1/rerank", json={
-    "model": "rerank", "query": "where is the cat?",
-    "documents": ["the cat sat on the mat", "paris is a city", "dogs run fast"]}).json()
+rerank = httpx.post(
+    f"{base}/v1/rerank",
+    json={
+        "model": "rerank",
+        "query": "where is the cat?",
+        "documents": ["the cat sat on the mat", "paris is a city", "dogs run fast"],
+    },
+).json()
 print("\nrerank:")
 for result in rerank["results"]:
     print(f"  {result['relevance_score']:.4f}  {result['document']['text']}")

@@ -39,3 +39,40 @@ def test_missing_gpu_is_refused_when_the_count_is_known() -> None:
     found = placement_problems([spec("a", (6, 7))], gpu_count=4)
     assert found == ["a: GPU 6,7 does not exist (this machine has 4: 0-3)"]
     assert placement_problems([spec("a", (6, 7))], gpu_count=None) == []
+
+
+GB80 = 80 * 2**30
+
+
+def test_weights_are_estimated_from_the_name_and_quantization() -> None:
+    from backends.placement import weight_bytes
+
+    assert weight_bytes(spec("Qwen/Qwen2.5-72B-Instruct", (0,)))[0] == 144e9
+    fp8 = VllmSpec(name="v", model="Qwen/Qwen2.5-VL-72B-Instruct", args={"quantization": "fp8"})
+    assert weight_bytes(fp8)[0] == 72e9
+    assert weight_bytes(spec("maidalun1020/bce-embedding-base_v1", (0,))) is None
+
+
+def test_weights_are_read_from_local_files(tmp_path) -> None:
+    from backends.placement import weight_bytes
+
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    assert weight_bytes(VllmSpec(name="m", model=str(tmp_path))) == (1000.0, "safetensors files")
+
+
+def test_a_model_that_cannot_fit_is_warned_about_with_numbers() -> None:
+    from backends.placement import fit_warnings
+
+    too_big = VllmSpec(
+        name="big", model="Qwen2.5-72B-Instruct", gpus=(0,), args={"gpu-memory-utilization": 0.9}
+    )
+    (warning,) = fit_warnings([too_big], GB80)
+    assert warning.startswith("big: weights need ~144 GB (72B parameters in the name) but 1 GPU(s)")
+    tensor_parallel = VllmSpec(
+        name="big",
+        model="Qwen2.5-72B-Instruct",
+        gpus=(0, 1, 2, 3),
+        args={"gpu-memory-utilization": 0.9},
+    )
+    assert fit_warnings([tensor_parallel], GB80) == []
+    assert fit_warnings([too_big], None) == []  # GPU size unknown: no guess

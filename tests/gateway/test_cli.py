@@ -59,3 +59,14 @@ def test_layouts_that_cannot_work_are_refused(
         "GPU 0: gpu-memory-utilization adds up to 1.20 > 0.95 (a 0.7, b 0.5)"
         in capsys.readouterr().err
     )
+
+
+def test_check_warns_when_weights_do_not_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = {
+        "gpu_memory_gib": 80,
+        "models": [{"name": "big", "vllm": {"model": "Qwen/Qwen2.5-72B-Instruct", "gpus": [0]}}],
+    }
+    assert main(["check", "--config", write(tmp_path, config)]) == 0  # a warning, not a refusal
+    assert "warning: big: weights need ~144 GB" in capsys.readouterr().err
