@@ -65,11 +65,17 @@ def visible_gpu_count() -> int | None:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return len([g for g in visible.split(",") if g.strip()])
+    indices = _nvidia_smi("index")
+    return None if indices is None else len(indices)
+
+
+def _nvidia_smi(field: str) -> list[str] | None:
+    """One value per GPU of ``nvidia-smi --query-gpu=FIELD``; None when it cannot be asked."""
     if shutil.which("nvidia-smi") is None:
         return None
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -77,7 +83,7 @@ def visible_gpu_count() -> int | None:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return len([line for line in out.splitlines() if line.strip()])
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def _gpus(gpus: Sequence[int]) -> str:
@@ -135,17 +141,6 @@ def fit_warnings(specs: Sequence[VllmSpec], gpu_memory_bytes: float | None) -> l
 
 
 def visible_gpu_memory() -> float | None:
-    """Bytes of memory on GPU 0, if nvidia-smi can tell."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return float(out[0]) * 2**20 if out else None
+    """Bytes of memory on GPU 0, if nvidia-smi can tell (it reports MiB)."""
+    sizes = _nvidia_smi("memory.total")
+    return float(sizes[0]) * 2**20 if sizes else None
