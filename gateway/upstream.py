@@ -99,9 +99,14 @@ def translate(exc: BaseException, model: str, *, started: bool = False) -> Gatew
             f"The backend for model {model!r} is unreachable ({exc.os_error.strerror or exc}).",
             retry_after=5,
         )
+    if isinstance(exc, aiohttp.ServerDisconnectedError) and not started:
+        # Typically a kept-alive connection to a server that just died: retrying is right.
+        return BackendUnavailable(
+            f"The backend for model {model!r} closed the connection before answering.",
+            retry_after=5,
+        )
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        what = "closed the connection mid-response" if started else "closed the connection"
-        return BadGateway(f"The backend for model {model!r} {what}.")
+        return BadGateway(f"The backend for model {model!r} closed the connection mid-response.")
     if isinstance(exc, aiohttp.ClientError | OSError):
         return BadGateway(f"The backend for model {model!r} failed: {type(exc).__name__}.")
     return GatewayError(f"Unexpected error while relaying to model {model!r}.")

@@ -8,7 +8,7 @@ made to show on demand. Never the only evidence that a feature works: the real-v
 It accepts `vllm serve`'s flags that the gateway passes (--model, --host, --api-key, ...), so
 the supervisor can spawn it in tests as it spawns vLLM. A request may carry a `fake` object to
 change one response: {"chunks": 3, "gap_ms": 50, "die_after": 2, "hang_after": 2, "hang": true,
-"status": 500, "echo_headers": true}.
+"status": 500, "echo_headers": true, "drop": true}.
 `GET /fake/stats` reports requests started, completed and aborted (client went away).
 """
 
@@ -122,6 +122,10 @@ class FakeVllmProtocol(asyncio.Protocol):
         if body.get("model") not in opts.served_names:
             return self._write(404, _error(f"The model `{body.get('model')}` does not exist.", 404))
         fake = body.get("fake") or {}
+        if fake.get("drop"):  # close without a word, like a server killed mid-request
+            assert self.transport is not None
+            self.transport.abort()
+            return None
         if "status" in fake:
             return self._write(int(fake["status"]), _error("fake failure", int(fake["status"])))
         if fake.get("echo_headers"):

@@ -126,6 +126,13 @@ def test_unreachable_backend_is_503_naming_the_model(
     assert response.headers["retry-after"]
 
 
+def test_backend_dropping_the_connection_before_answering_is_503(gateway: GatewayServer) -> None:
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat(drop=True), headers=KEY)
+    assert response.status_code == 503
+    assert "closed the connection before answering" in response.json()["error"]["message"]
+    assert response.headers["retry-after"]
+
+
 def test_backend_errors_pass_through_with_their_status(gateway: GatewayServer) -> None:
     response = httpx.post(f"{gateway.url}/v1/chat/completions", json=chat(status=400), headers=KEY)
     assert response.status_code == 400

@@ -61,13 +61,14 @@ def test_spawned_model_serves_then_survives_kill_9(rig: VllmRig) -> None:
     while time.monotonic() < deadline:
         response = chat(gw, "spawned-chat")
         statuses.append(response.status_code)
-        others.append(embed(gw, "tiny-embed").status_code)
+        if len(statuses) % 5 == 1:  # sparingly: a CPU vLLM worker spins after each request
+            others.append(embed(gw, "tiny-embed").status_code)
         if response.status_code == 200 and 503 in statuses:
             break
         if response.status_code == 503:
             assert response.json()["error"]["code"] in ("backend_loading", "backend_unavailable")
             assert "retry-after" in response.headers
-        time.sleep(0.5)
+        time.sleep(1)
     assert 503 in statuses and statuses[-1] == 200, statuses
     assert set(statuses) <= {200, 503}, statuses  # never a 500 or a hang
     assert set(others) == {200}, "the other model kept answering throughout"
