@@ -33,6 +33,7 @@ class SupervisorTimings:
     poll_interval: float = 1.0  # while loading
     health_interval: float = 5.0  # once ready
     health_failures: int = 3  # in a row, before a restart
+    health_timeout: float = 5.0
     backoff_base: float = 2.0
     backoff_cap: float = 60.0
     max_restarts: int = 5  # in a row without becoming ready; then the backend is failed
@@ -73,7 +74,7 @@ class Supervisor:
     async def start(self) -> None:
         if not self.backends:
             return
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.timings.health_timeout))
         for backend in self.backends.values():
             backend.replica.state = BackendState.LOADING
             backend.task = asyncio.create_task(

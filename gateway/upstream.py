@@ -99,14 +99,15 @@ def translate(exc: BaseException, model: str, *, started: bool = False) -> Gatew
             f"The backend for model {model!r} is unreachable ({exc.os_error.strerror or exc}).",
             retry_after=5,
         )
-    if isinstance(exc, aiohttp.ServerDisconnectedError) and not started:
-        # Typically a kept-alive connection to a server that just died: retrying is right.
+    if isinstance(exc, aiohttp.ClientConnectionError | OSError) and not started:
+        # Refused, reset or closed before any answer, typically a kept-alive connection to a
+        # server that just died: the client should retry, so 503 rather than 502.
         return BackendUnavailable(
             f"The backend for model {model!r} closed the connection before answering.",
             retry_after=5,
         )
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        return BadGateway(f"The backend for model {model!r} closed the connection mid-response.")
     if isinstance(exc, aiohttp.ClientError | OSError):
-        return BadGateway(f"The backend for model {model!r} failed: {type(exc).__name__}.")
+        return BadGateway(
+            f"The backend for model {model!r} failed mid-response ({type(exc).__name__})."
+        )
     return GatewayError(f"Unexpected error while relaying to model {model!r}.")

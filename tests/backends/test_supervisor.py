@@ -26,6 +26,7 @@ FAST = SupervisorTimings(
     poll_interval=0.05,
     health_interval=0.1,
     health_failures=2,
+    health_timeout=0.3,
     backoff_base=0.05,
     backoff_cap=0.2,
     max_restarts=2,
@@ -72,6 +73,18 @@ async def test_killed_backend_is_restarted(supervisor: Supervisor) -> None:
     await until(lambda: backend.replica.state is BackendState.READY)
     assert backend.restarts == 1
     assert not alive(server)
+
+
+async def test_backend_that_stops_answering_is_restarted(supervisor: Supervisor) -> None:
+    """A frozen server (SIGSTOP) is alive but fails its health checks: it is replaced."""
+    backend = supervisor.backends["m"]
+    await until(lambda: backend.replica.state is BackendState.READY)
+    (server,) = descendants(backend.process.pid)
+    os.kill(server, signal.SIGSTOP)
+    await until(lambda: backend.replica.state is not BackendState.READY)
+    await until(lambda: backend.replica.state is BackendState.READY)
+    assert backend.restarts == 1
+    await until(lambda: not alive(server))  # the frozen one was killed, not left behind
 
 
 async def test_backend_that_cannot_start_is_failed_with_its_log(tmp_path: Path) -> None:
