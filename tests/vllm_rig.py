@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import yaml
 
 from backends.process import free_port
@@ -141,6 +142,16 @@ class VllmRig:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{name} not ready after {READY_TIMEOUT}s")
                 time.sleep(1)
+        # Spawned models too: a server still warming up starves the others on 2 cores.
+        for label, gw in self.spawned.items():
+            config = yaml.safe_load((ARTIFACTS / f"gateway-{label}.yaml").read_text())
+            for model in config["models"]:
+                while not _tokenizes(gw.url, model["name"]):
+                    if gw.proc.poll() is not None:
+                        raise RuntimeError(f"gateway {label} exited; see {gw.log}")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{model['name']} not ready after {READY_TIMEOUT}s")
+                    time.sleep(1)
         return self.urls
 
     def stop(self) -> None:
@@ -167,6 +178,19 @@ def _spawned(
             "env": cpu_env(core),
         },
     }
+
+
+def _tokenizes(url: str, model: str) -> bool:
+    try:
+        response = httpx.post(
+            f"{url}/tokenize",
+            json={"model": model, "prompt": "x"},
+            headers={"Authorization": "Bearer sk-spawn"},
+            timeout=5,
+        )
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
 
 
 def _launch(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -30,6 +30,7 @@ def test_disconnect_stops_generation(
 ) -> None:
     """The client hangs up once vLLM is generating; vLLM must stop well short of the end."""
     backend = vllm["tiny-chat"]
+    wait_until(lambda: metric(backend, "vllm:num_requests_running") == 0, 60, "an idle backend")
     before = metric(backend, "vllm:generation_tokens_total")
     body = json.dumps(
         {
@@ -47,7 +48,7 @@ def test_disconnect_stops_generation(
         b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
         % (KEY.encode(), len(body), body)
     )
-    wait_until(lambda: metric(backend, "vllm:num_requests_running") >= 1, 30, "generation to start")
+    wait_until(lambda: metric(backend, "vllm:num_requests_running") >= 1, 120, "generation")
     client.close()
     wait_until(lambda: metric(backend, "vllm:num_requests_running") == 0, 30, "the abort")
     time.sleep(0.5)  # the engine publishes its counters a moment later
