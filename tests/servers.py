@@ -147,3 +147,38 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has already exited
+
+
+class GatewayProcess:
+    """`python -m gateway serve` as users run it, in its own process, on a free port."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+        import yaml
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        path = workdir / f"gateway-{self.port}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--config",
+                str(path),
+                "--port",
+                str(self.port),
+            ],
+            stdout=open(workdir / f"gateway-{self.port}.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(),
+            cwd=ROOT,
+        )
+        wait_until(lambda: answers(self.url + "/health"), 30, "gateway process start")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)

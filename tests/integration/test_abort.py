@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import KEY
-from tests.servers import GatewayServer, wait_until
+from tests.servers import GatewayProcess, wait_until
 
 pytestmark = pytest.mark.vllm
 # With ignore_eos a finished request generates exactly N x MAX_TOKENS tokens (~5 s here).
@@ -26,7 +26,7 @@ def metric(url: str, name: str) -> float:
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
 def test_disconnect_stops_generation(
-    gateway: GatewayServer, vllm: dict[str, str], stream: bool
+    gateway: GatewayProcess, vllm: dict[str, str], stream: bool
 ) -> None:
     """The client hangs up once vLLM is generating; vLLM must stop well short of the end."""
     backend = vllm["tiny-chat"]

@@ -14,14 +14,14 @@ import openai
 import pytest
 
 from tests.integration.conftest import KEY
-from tests.servers import GatewayServer
+from tests.servers import GatewayProcess
 
 pytestmark = pytest.mark.vllm
 VOLATILE = {"id", "created", "request_id"}
 
 
 @pytest.fixture(scope="module")
-def client(gateway: GatewayServer) -> openai.OpenAI:
+def client(gateway: GatewayProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
 
 
@@ -69,7 +69,7 @@ def stream_events(url: str, body: dict[str, Any], headers: dict[str, str]) -> li
 
 @pytest.mark.parametrize("model", ["tiny-chat", "tiny-reasoner"])
 def test_stream_matches_direct_event_by_event(
-    gateway: GatewayServer, vllm: dict[str, str], model: str
+    gateway: GatewayProcess, vllm: dict[str, str], model: str
 ) -> None:
     body = {**CHAT, "model": model, "stream": True, "stream_options": {"include_usage": True}}
     via = stream_events(
@@ -105,7 +105,7 @@ def test_embeddings_identical_to_direct(client: openai.OpenAI, vllm: dict[str, s
 
 
 def post_both(
-    gateway: GatewayServer, vllm: dict[str, str], model: str, path: str, body: dict[str, Any]
+    gateway: GatewayProcess, vllm: dict[str, str], model: str, path: str, body: dict[str, Any]
 ) -> tuple[httpx.Response, httpx.Response]:
     via = httpx.post(
         f"{gateway.url}{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
@@ -151,7 +151,7 @@ CASES = [
 
 @pytest.mark.parametrize(("model", "path", "body"), CASES, ids=[c[1] for c in CASES])
 def test_endpoint_matches_direct(
-    gateway: GatewayServer, vllm: dict[str, str], model: str, path: str, body: dict[str, Any]
+    gateway: GatewayProcess, vllm: dict[str, str], model: str, path: str, body: dict[str, Any]
 ) -> None:
     via, direct = post_both(gateway, vllm, model, path, body)
     assert via.status_code == direct.status_code
@@ -163,7 +163,7 @@ def test_endpoint_matches_direct(
         assert scrub(via.json()) == scrub(direct.json())
 
 
-def test_rerank_ranks_by_score(gateway: GatewayServer) -> None:
+def test_rerank_ranks_by_score(gateway: GatewayProcess) -> None:
     response = httpx.post(
         f"{gateway.url}/v1/rerank", json=RERANK, headers={"Authorization": f"Bearer {KEY}"}
     )
@@ -171,7 +171,7 @@ def test_rerank_ranks_by_score(gateway: GatewayServer) -> None:
     assert len(scores) == 2 and scores == sorted(scores, reverse=True)
 
 
-def test_audio_is_routed_by_its_form_field(gateway: GatewayServer, vllm: dict[str, str]) -> None:
+def test_audio_is_routed_by_its_form_field(gateway: GatewayProcess, vllm: dict[str, str]) -> None:
     """No speech model here: the chat server answers the upload itself (its own 404)."""
     files = {"file": ("a.wav", b"RIFF0000WAVE", "audio/wav")}
     via = httpx.post(
@@ -200,7 +200,7 @@ def test_models_list_names_aliases_and_context_length(client: openai.OpenAI) -> 
     assert cards["tiny-embed"].model_extra["max_model_len"] == 512
 
 
-def test_sdk_sees_the_right_exceptions(gateway: GatewayServer, client: openai.OpenAI) -> None:
+def test_sdk_sees_the_right_exceptions(gateway: GatewayProcess, client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError, match="Available models"):
         client.chat.completions.create(model="gpt-4o", **CHAT)
     wrong_key = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-wrong", max_retries=0)
