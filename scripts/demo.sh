@@ -7,9 +7,12 @@ cd "$(dirname "$0")/.."
 scripts/setup-env.sh
 py=.venv/bin/python
 .venv/bin/vllm-gateway tiny-models .cache/tiny-models
-.venv/bin/vllm-gateway serve --config config/cpu-demo.yaml &
+mkdir -p logs
+echo "gateway log: logs/gateway.log; each vLLM server logs to logs/<model>.log"
+.venv/bin/vllm-gateway serve --config config/cpu-demo.yaml > logs/gateway.log 2>&1 &
 gateway=$!
-trap 'kill -TERM $gateway 2>/dev/null; wait $gateway 2>/dev/null' EXIT INT TERM
+trap 'kill -TERM $gateway 2>/dev/null; wait $gateway 2>/dev/null || true' EXIT
+trap 'exit 0' INT TERM
 "$py" scripts/demo_requests.py http://127.0.0.1:8000
 if [ -z "${DEMO_EXIT:-}" ]; then
   echo "The gateway keeps running on http://127.0.0.1:8000 (Ctrl-C stops it and every vLLM server)."
