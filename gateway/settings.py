@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -132,7 +132,7 @@ class GatewaySettings(_Strict):
     )
     launcher: list[str] = Field(default_factory=lambda: ["vllm", "serve"], min_length=1)
     log_dir: str = "logs"
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @model_validator(mode="after")
     def _names_unique(self) -> GatewaySettings:

@@ -91,3 +91,8 @@ def test_cli_overrides_win_over_the_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("port: 9000\nmodels:\n  - {name: m, url: 'http://h:1'}\n")
     assert load_settings(path, env={}, port=9100, host=None).port == 9100
+
+
+def test_log_level_is_checked() -> None:
+    found = problems({"models": [CHAT], "log_level": "loud"})
+    assert found[0].startswith("log_level: Input should be 'critical', 'error'")
