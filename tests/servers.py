@@ -158,6 +158,8 @@ class GatewayProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.config = config
+        self.log = workdir / f"gateway-{self.port}.log"
         path = workdir / f"gateway-{self.port}.yaml"
         path.write_text(yaml.safe_dump(config))
         self.proc = subprocess.Popen(
@@ -171,7 +173,7 @@ class GatewayProcess:
                 "--port",
                 str(self.port),
             ],
-            stdout=open(workdir / f"gateway-{self.port}.log", "wb"),  # noqa: SIM115
+            stdout=open(self.log, "wb"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
             env=subprocess_env(),
             cwd=ROOT,

@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import yaml
 
 from backends.process import free_port
 from backends.spec import VllmSpec
 from backends.tiny_models import build_all
-from tests.servers import ROOT, answers, subprocess_env
+from tests.servers import ROOT, GatewayProcess, answers, subprocess_env
 
 MODELS_DIR = ROOT / ".cache" / "tiny-models"
 ARTIFACTS = ROOT / ".artifacts"
@@ -66,19 +65,10 @@ def spec_for(name: str, kind: str, args: dict[str, object], core: int) -> VllmSp
 
 
 @dataclass
-class SpawnGateway:
-    """A `vllm-gateway serve` process in spawn mode, started by the rig."""
-
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-@dataclass
 class VllmRig:
     urls: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    spawned: dict[str, SpawnGateway] = field(default_factory=dict)
+    spawned: dict[str, GatewayProcess] = field(default_factory=dict)
     started: bool = False
 
     def start(self) -> None:
@@ -110,25 +100,13 @@ class VllmRig:
         )
 
     def _spawn_gateway(self, label: str, models: list[dict[str, object]]) -> None:
-        port = free_port()
         config = {
             "launcher": ["python", "-m", "vllm.entrypoints.openai.api_server"],
             "log_dir": str(ARTIFACTS / f"spawned-{label}"),
             "api_keys": ["sk-spawn"],
             "models": models,
         }
-        path = ARTIFACTS / f"gateway-{label}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        log = ARTIFACTS / f"gateway-{label}.log"
-        cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)]
-        proc = subprocess.Popen(
-            cmd,
-            stdout=open(log, "wb"),  # noqa: SIM115 - the child keeps it
-            stderr=subprocess.STDOUT,
-            env=subprocess_env(),
-            cwd=ROOT,
-        )
-        self.spawned[label] = SpawnGateway(f"http://127.0.0.1:{port}", proc, log)
+        self.spawned[label] = GatewayProcess(config, ARTIFACTS)
 
     def wait_ready(self) -> dict[str, str]:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -144,8 +122,7 @@ class VllmRig:
                 time.sleep(1)
         # Spawned models too: a server still warming up starves the others on 2 cores.
         for label, gw in self.spawned.items():
-            config = yaml.safe_load((ARTIFACTS / f"gateway-{label}.yaml").read_text())
-            for model in config["models"]:
+            for model in gw.config["models"]:
                 while not _tokenizes(gw.url, model["name"]):
                     if gw.proc.poll() is not None:
                         raise RuntimeError(f"gateway {label} exited; see {gw.log}")

@@ -10,19 +10,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from backends.process import free_port
 from backends.supervisor import Supervisor, SupervisorTimings
 from gateway.launch import backend_specs
 from tests.servers import (
     FAKE_VLLM,
-    ROOT,
+    GatewayProcess,
     GatewayServer,
     alive,
     descendants,
     gateway_settings,
-    subprocess_env,
     wait_until,
 )
 
@@ -67,17 +64,8 @@ def gateway_process(tmp_path: Path):
         "log_dir": str(tmp_path / "logs"),
         "models": [spawn_model("a"), spawn_model("b")],
     }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)],
-        env=subprocess_env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    gateway = GatewayProcess(config, tmp_path)
+    url, proc = gateway.url, gateway.proc
 
     def both_ready() -> bool:
         try:

@@ -10,19 +10,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import alive, descendants, wait_until
-from tests.vllm_rig import READY_TIMEOUT, SpawnGateway, VllmRig
+from tests.servers import GatewayProcess, alive, descendants, wait_until
+from tests.vllm_rig import READY_TIMEOUT, VllmRig
 
 pytestmark = pytest.mark.vllm
 AUTH = {"Authorization": "Bearer sk-spawn"}
 
 
-def chat(gw: SpawnGateway, model: str) -> httpx.Response:
+def chat(gw: GatewayProcess, model: str) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     return httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
 
 
-def embed(gw: SpawnGateway, model: str) -> httpx.Response:
+def embed(gw: GatewayProcess, model: str) -> httpx.Response:
     return httpx.post(
         f"{gw.url}/v1/embeddings", json={"model": model, "input": "hi"}, headers=AUTH, timeout=60
     )
@@ -35,7 +35,7 @@ def ok(call: object) -> bool:
         return False
 
 
-def vllm_servers(gw: SpawnGateway) -> list[int]:
+def vllm_servers(gw: GatewayProcess) -> list[int]:
     """The api_server processes below the gateway (not the reapers, not engine workers)."""
     found = []
     for pid in descendants(gw.proc.pid):
