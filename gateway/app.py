@@ -7,6 +7,9 @@ model list, errors for unknown paths) to a small FastAPI app that owns the lifes
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,9 +23,10 @@ from starlette.middleware.cors import CORSMiddleware
 
 from backends.pool import Replica, ReplicaPool
 from backends.supervisor import Supervisor
-from gateway.auth import APIKeyMiddleware
+from gateway.auth import OPEN_PATHS, APIKeyMiddleware
 from gateway.catalog import ModelCatalog
 from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, RouteNotFound
+from gateway.keys import SCOPE_KEY, ApiKey, KeyRing, key_ring
 from gateway.launch import backend_specs
 from gateway.relay import Relay, RelayLimits
 from gateway.routing import RELAYED_PATHS, RouteTable
@@ -44,6 +48,7 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             replicas = supervisor.replicas(model.name)
         pools.append((ReplicaPool(model.name, replicas), model.aliases))
     table = RouteTable(pools)
+    keys = key_ring(settings)
     clients = UpstreamClients(connect_timeout=settings.timeouts.connect)
     relay = Relay(
         table,
@@ -52,23 +57,27 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             max_body_bytes=settings.max_body_bytes,
             first_byte_timeout=settings.timeouts.first_byte,
             idle_timeout=settings.timeouts.idle,
+            client_timeout=settings.timeouts.client,
         ),
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await supervisor.start()
+        watcher = asyncio.create_task(keys.watch())
+        reload_on_sighup(keys)
         try:
             yield
         finally:
+            watcher.cancel()
             await supervisor.stop()
             await clients.aclose()
 
     api = _control_api(ModelCatalog(table, clients), lifespan)
     app: ASGIApp = Dispatcher(relay, api)
-    keys = [key.get_secret_value() for key in settings.api_keys]
-    if keys:
-        app = APIKeyMiddleware(app, keys)
+    if keys.enabled:
+        opened = {path for name in settings.open_endpoints for path in OPENABLE[name]}
+        app = APIKeyMiddleware(app, keys, OPEN_PATHS | opened)
     if settings.cors is not None:
         app = CORSMiddleware(
             app,
@@ -78,6 +87,16 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             allow_credentials=settings.cors.allow_credentials,
         )
     return app
+
+
+# Paths a config may serve without a key (`open_endpoints`).
+OPENABLE = {"metrics": {"/metrics"}, "status": {"/status", "/status.json"}}
+
+
+def reload_on_sighup(keys: KeyRing) -> None:
+    """`kill -HUP` re-reads the keys file. Only the main thread may install signal handlers."""
+    if threading.current_thread() is threading.main_thread():
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keys.reload)
 
 
 class Dispatcher:
@@ -104,8 +123,10 @@ def _control_api(catalog: ModelCatalog, lifespan: Any) -> FastAPI:
         return Response(status_code=200)
 
     @api.get("/v1/models")
-    async def models() -> Response:
-        return Response(orjson.dumps(await catalog.listing()), media_type="application/json")
+    async def models(request: Request) -> Response:
+        key: ApiKey | None = request.scope.get(SCOPE_KEY)
+        listing = await catalog.listing(key.models if key is not None else None)
+        return Response(orjson.dumps(listing), media_type="application/json")
 
     @api.exception_handler(GatewayError)
     async def gateway_error(_: Request, exc: GatewayError) -> Response:

@@ -1,44 +1,39 @@
-"""API keys: a pure ASGI middleware in front of every path but the open ones.
+"""API keys at the door: a pure ASGI middleware in front of every path but the open ones.
 
-Keys are compared in constant time, against every configured key (no early exit that would tell
-an attacker how many keys there are or which one came close). The client's credentials are never
+It identifies the caller's key (see ``gateway.keys``) and leaves it in the scope for the relay,
+which applies the key's model allow-list and limits. The client's credentials are never
 forwarded: the relay drops them and sends the backend's own key instead.
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Iterable
-
 from gateway.errors import AuthenticationFailed, send_error
+from gateway.keys import SCOPE_KEY, KeyRing
 from gateway.types import ASGIApp, Receive, Scope, Send
 
 OPEN_PATHS = frozenset({"/health"})
 
 
 class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: Iterable[str], open_paths: frozenset[str] = OPEN_PATHS):
+    def __init__(self, app: ASGIApp, keys: KeyRing, open_paths: frozenset[str] = OPEN_PATHS):
         self.app = app
-        self.keys = [key.encode() for key in keys]
+        self.keys = keys
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths or self._authorized(scope):
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
-        error = AuthenticationFailed(
-            "Incorrect or missing API key. Send it as `Authorization: Bearer <key>`."
-        )
-        await send_error(send, error)
-
-    def _authorized(self, scope: Scope) -> bool:
         presented = presented_key(scope["headers"])
-        if presented is None:
-            return False
-        match = False
-        for key in self.keys:
-            match |= hmac.compare_digest(presented, key)
-        return match
+        key = self.keys.identify(presented) if presented is not None else None
+        if key is None:
+            error = AuthenticationFailed(
+                "Incorrect or missing API key. Send it as `Authorization: Bearer <key>`."
+            )
+            await send_error(send, error)
+            return
+        scope[SCOPE_KEY] = key
+        await self.app(scope, receive, send)
 
 
 def presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:

@@ -26,12 +26,13 @@ class ModelCatalog:
         self.clients = clients
         self.created = int(time.time())
 
-    async def listing(self) -> dict[str, Any]:
+    async def listing(self, allowed: frozenset[str] | None = None) -> dict[str, Any]:
+        """The models a key may use (all when ``allowed`` is None)."""
         await asyncio.gather(
             *(self._learn_max_len(p) for p in self.table.pools if p.max_model_len is None)
         )
         data = []
-        for name in self.table.names:
+        for name in self.table.names_for(allowed):
             pool = self.table.resolve(name).pool
             card: dict[str, Any] = {
                 "id": name,

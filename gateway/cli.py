@@ -70,10 +70,14 @@ def _load(args: argparse.Namespace, **overrides: Any) -> GatewaySettings | None:
     try:
         return load_settings(args.config, **overrides)
     except ConfigError as exc:
-        print(f"{exc.source}: invalid configuration", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _print_config_error(exc)
         return None
+
+
+def _print_config_error(exc: ConfigError) -> None:
+    print(f"{exc.source}: invalid configuration", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
 
 
 def _placement_ok(settings: GatewaySettings) -> bool:
@@ -90,8 +94,15 @@ def _placement_ok(settings: GatewaySettings) -> bool:
 
 
 def check(args: argparse.Namespace) -> int:
+    from gateway.keys import key_ring
+
     settings = _load(args)
     if settings is None or not _placement_ok(settings):
+        return 2
+    try:
+        key_ring(settings)
+    except ConfigError as exc:
+        _print_config_error(exc)
         return 2
     print(f"{args.config}: OK, {len(settings.models)} models")
     return 0
@@ -128,6 +139,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.server import uvicorn_config
 
     settings = _load(args, host=args.host, port=args.port, log_level=args.log_level)
     if settings is None or not _placement_ok(settings):
@@ -135,17 +147,12 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        loop="auto",
-        http="auto",
-        server_header=False,
-        timeout_graceful_shutdown=30,
-    )
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return 2
+    uvicorn.Server(uvicorn_config(app, settings)).run()
     return 0
 
 

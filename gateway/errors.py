@@ -6,13 +6,17 @@ status, the OpenAI ``type`` and ``code``. Nothing chooses a status by reading me
     GatewayError                      500 internal_error
     ├── InvalidRequest                400 invalid_request_error
     │   ├── InvalidJSON               400   code invalid_json
+    │   ├── InvalidBody               400   code invalid_body (valid JSON, not an object)
     │   └── InvalidModel              400   code invalid_model (param model)
     ├── AuthenticationFailed          401 authentication_error / invalid_api_key
     ├── ModelNotFound                 404 invalid_request_error / model_not_found
     ├── RouteNotFound                 404 invalid_request_error / not_found
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed
+    ├── RequestTimeout                408 invalid_request_error / request_timeout
     ├── PayloadTooLarge               413 invalid_request_error / payload_too_large
     ├── UnsupportedMediaType          415 invalid_request_error / unsupported_media_type
+    ├── RateLimited                   429 rate_limit_error / rate_limit_exceeded (Retry-After)
+    ├── HeadersTooLarge               431 invalid_request_error / request_header_fields_too_large
     ├── BadGateway                    502 upstream_error / bad_gateway
     ├── BackendUnavailable            503 service_unavailable / backend_unavailable
     │   └── BackendLoading            503   code backend_loading (with Retry-After)
@@ -34,6 +38,8 @@ class GatewayError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
     code: ClassVar[str | None] = "internal_error"
+    # Set where the request body may be left unread: the connection then cannot be reused.
+    closes_connection: ClassVar[bool] = False
 
     def __init__(
         self, message: str, *, param: str | None = None, retry_after: int | None = None
@@ -50,6 +56,8 @@ class GatewayError(Exception):
         headers = [(b"content-type", b"application/json")]
         if self.retry_after is not None:
             headers.append((b"retry-after", str(self.retry_after).encode()))
+        if self.closes_connection:
+            headers.append((b"connection", b"close"))
         return headers
 
 
@@ -61,6 +69,10 @@ class InvalidRequest(GatewayError):
 
 class InvalidJSON(InvalidRequest):
     code = "invalid_json"
+
+
+class InvalidBody(InvalidRequest):
+    code = "invalid_body"
 
 
 class InvalidModel(InvalidRequest):
@@ -91,7 +103,15 @@ class MethodNotAllowed(GatewayError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(GatewayError):
+    closes_connection = True
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
+    closes_connection = True
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
@@ -101,6 +121,19 @@ class UnsupportedMediaType(GatewayError):
     status = 415
     type = "invalid_request_error"
     code = "unsupported_media_type"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class HeadersTooLarge(GatewayError):
+    closes_connection = True
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
 
 
 class BadGateway(GatewayError):
@@ -147,3 +180,17 @@ async def send_error(send: Send, error: GatewayError, request_id: bytes | None =
         headers.append((b"x-request-id", request_id))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def raw_response(error: GatewayError) -> bytes:
+    """The error as a whole HTTP/1.1 response, for refusals made below ASGI (the protocol).
+
+    Only errors that close the connection are sent this way."""
+    body = error.body()
+    head = [f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}".encode()]
+    head += [name + b": " + value for name, value in error.headers()]
+    head.append(b"content-length: " + str(len(body)).encode())
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+_REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}

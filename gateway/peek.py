@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import InvalidJSON, InvalidModel, InvalidRequest, UnsupportedMediaType
+from gateway.errors import InvalidBody, InvalidJSON, InvalidModel, UnsupportedMediaType
 
 MAX_MODEL_NAME = 256
 
@@ -29,7 +29,7 @@ def model_from_json(body: bytes, content_type: str) -> tuple[str, dict[str, Any]
     except orjson.JSONDecodeError as exc:
         raise InvalidJSON(f"The request body is not valid JSON: {exc}.") from None
     if not isinstance(doc, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
+        raise InvalidBody("The request body must be a JSON object.")
     return check_model(doc.get("model", _MISSING)), doc
 
 

@@ -12,8 +12,6 @@ closed, and vLLM aborts the generation) and a backend that stays silent for too 
 from __future__ import annotations
 
 import asyncio
-import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,16 +22,16 @@ from gateway.errors import (
     GatewayError,
     GatewayTimeout,
     MethodNotAllowed,
-    PayloadTooLarge,
     send_error,
     sse_error_event,
 )
+from gateway.keys import SCOPE_KEY, ApiKey
+from gateway.limits import KeyLimiter
 from gateway.peek import body_with_model, model_from_json, model_from_multipart
+from gateway.request import RequestHead, path_and_query, read_body, read_head
 from gateway.routing import MULTIPART_PATHS, RouteTable
 from gateway.types import Message, Receive, Scope, Send
 from gateway.upstream import UpstreamClients, downstream_headers, translate, upstream_headers
-
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,34 +39,65 @@ class RelayLimits:
     max_body_bytes: int
     first_byte_timeout: float
     idle_timeout: float
+    client_timeout: float = 60.0
 
 
 class Relay:
-    def __init__(self, table: RouteTable, clients: UpstreamClients, limits: RelayLimits) -> None:
+    def __init__(
+        self,
+        table: RouteTable,
+        clients: UpstreamClients,
+        limits: RelayLimits,
+        key_limiter: KeyLimiter | None = None,
+    ) -> None:
         self.table = table
         self.clients = clients
         self.limits = limits
+        self.key_limiter = key_limiter or KeyLimiter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        content_type, content_length, request_id = _read_headers(scope["headers"])
+        head = read_head(scope["headers"])
+        key: ApiKey | None = scope.get(SCOPE_KEY)
+        limited = key is not None and key.limited
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"{scope['path']} accepts POST only.")
-            body = await _read_body(receive, content_length, self.limits.max_body_bytes)
+            if limited:
+                self.key_limiter.admit(key)  # type: ignore[arg-type]
+        except GatewayError as exc:
+            await send_error(send, exc, head.request_id)
+            return
+        try:
+            await self._relay(scope, receive, send, head, key)
+        finally:
+            if limited:
+                self.key_limiter.release(key)  # type: ignore[arg-type]
+
+    async def _relay(
+        self, scope: Scope, receive: Receive, send: Send, head: RequestHead, key: ApiKey | None
+    ) -> None:
+        try:
+            body = await read_body(
+                receive, head.content_length, self.limits.max_body_bytes, self.limits.client_timeout
+            )
             if body is None:
                 return  # the client left while sending
-            pool, body = self._route(scope["path"], content_type, body)
+            pool, body = self._route(scope["path"], head.content_type, body, key)
             replica = _pick(pool)
         except GatewayError as exc:
-            await send_error(send, exc, request_id)
+            await send_error(send, exc, head.request_id)
             return
-        await self._forward(scope, receive, send, pool, replica, body, request_id)
+        await self._forward(scope, receive, send, pool, replica, body, head.request_id)
 
-    def _route(self, path: str, content_type: str, body: bytes) -> tuple[ReplicaPool, bytes]:
+    def _route(
+        self, path: str, content_type: str, body: bytes, key: ApiKey | None
+    ) -> tuple[ReplicaPool, bytes]:
+        allowed = key.models if key is not None else None
         if path in MULTIPART_PATHS:
-            return self.table.resolve(model_from_multipart(body, content_type)).pool, body
+            model = model_from_multipart(body, content_type)
+            return self.table.resolve(model, allowed).pool, body
         model, doc = model_from_json(body, content_type)
-        route = self.table.resolve(model)
+        route = self.table.resolve(model, allowed)
         if route.via_alias:
             body = body_with_model(doc, route.pool.name)
         return route.pool, body
@@ -83,7 +112,7 @@ class Relay:
         body: bytes,
         request_id: bytes,
     ) -> None:
-        url = replica.url + _path_and_query(scope)
+        url = replica.url + path_and_query(scope)
         headers = upstream_headers(scope["headers"], replica.api_key, request_id.decode())
         session = self.clients.session(replica.url)
         guard = _Interrupter(asyncio.current_task(), receive)  # type: ignore[arg-type]
@@ -216,52 +245,3 @@ class _Interrupter:
         if self.reason is None:
             self.reason = reason
             self._task.cancel()
-
-
-async def _read_body(receive: Receive, content_length: int | None, limit: int) -> bytes | None:
-    """The whole request body, refused early when it cannot fit; None if the client left."""
-    if content_length is not None and content_length > limit:
-        raise PayloadTooLarge(_too_large(limit))
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(_too_large(limit))
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _too_large(limit: int) -> str:
-    return f"The request body is larger than this gateway's limit of {limit} bytes."
-
-
-def _read_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str, int | None, bytes]:
-    content_type = ""
-    content_length: int | None = None
-    request_id: bytes | None = None
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"content-type":
-            content_type = value.decode("latin-1")
-        elif lname == b"content-length" and value.isdigit():
-            content_length = int(value)
-        elif lname == b"x-request-id" and _REQUEST_ID.match(value):
-            request_id = value
-    return content_type, content_length, request_id or new_request_id()
-
-
-def new_request_id() -> bytes:
-    return uuid.uuid4().hex.encode()
-
-
-def _path_and_query(scope: Scope) -> str:
-    path: str = scope["path"]
-    query: bytes = scope.get("query_string", b"")
-    return f"{path}?{query.decode('latin-1')}" if query else path

@@ -56,12 +56,13 @@ class RouteTable:
             for alias in aliases:
                 self._routes[alias] = Route(pool, via_alias=True)
 
-    def resolve(self, model: str) -> Route:
+    def resolve(self, model: str, allowed: frozenset[str] | None = None) -> Route:
+        """The route for a name. A model outside ``allowed`` is reported as not existing."""
         route = self._routes.get(model)
-        if route is None:
+        if route is None or (allowed is not None and route.pool.name not in allowed):
             raise ModelNotFound(
                 f"The model {_shorten(model)!r} does not exist on this gateway. "
-                f"Available models: {', '.join(self.names)}.",
+                f"Available models: {', '.join(self.names_for(allowed)) or 'none'}.",
                 param="model",
             )
         return route
@@ -70,6 +71,11 @@ class RouteTable:
     def names(self) -> list[str]:
         """Every name a client may send, canonical names and aliases, each once."""
         return list(self._routes)
+
+    def names_for(self, allowed: frozenset[str] | None) -> list[str]:
+        if allowed is None:
+            return self.names
+        return [name for name, route in self._routes.items() if route.pool.name in allowed]
 
 
 def _shorten(text: str, limit: int = 80) -> str:

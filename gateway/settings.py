@@ -41,6 +41,9 @@ class Timeouts(_Strict):
     connect: float = Field(10.0, gt=0)
     first_byte: float = Field(900.0, gt=0)
     idle: float = Field(300.0, gt=0, description="longest gap between two chunks of a stream")
+    client: float = Field(
+        60.0, gt=0, description="time a client has to send its request head, and its body"
+    )
 
 
 class VllmSpawn(_Strict):
@@ -104,6 +107,29 @@ class ModelSettings(_Strict):
         return [self.name, *self.aliases]
 
 
+class KeySettings(_Strict):
+    """One API key: whose it is, what it may reach, how fast. Logs and metrics show the name."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._@-]{1,64}$")
+    key: SecretStr | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="of the key")
+    models: list[str] | None = Field(None, description="names or aliases; all when absent")
+    requests_per_minute: int | None = Field(None, gt=0)
+    max_concurrent: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> KeySettings:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError("give either `key` or `sha256` (the key's SHA-256, in hex)")
+        return self
+
+
+class KeysFile(_Strict):
+    """A keys file: re-read on change and on SIGHUP, so keys rotate without a restart."""
+
+    keys: list[KeySettings] = Field(default_factory=list)
+
+
 class CorsSettings(_Strict):
     """Named as vLLM's own flags name them. No CORS headers at all unless this is configured."""
 
@@ -122,10 +148,17 @@ class CorsSettings(_Strict):
 class GatewaySettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_keys: list[SecretStr] = Field(default_factory=list)
+    api_keys: list[KeySettings] = Field(
+        default_factory=list, description="a plain string is a key named config-1, config-2, ..."
+    )
+    keys_file: str | None = None
+    open_endpoints: list[Literal["metrics", "status"]] = Field(
+        default_factory=list, description="served without a key (/health always is)"
+    )
     models: list[ModelSettings] = Field(min_length=1)
     timeouts: Timeouts = Field(default_factory=lambda: Timeouts())
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
     cors: CorsSettings | None = None
     gpu_memory_gib: float | None = Field(
         None, gt=0, description="memory of each GPU, for the weight-fit estimate (else nvidia-smi)"
@@ -133,6 +166,16 @@ class GatewaySettings(_Strict):
     launcher: list[str] = Field(default_factory=lambda: ["vllm", "serve"], min_length=1)
     log_dir: str = "logs"
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _name_plain_keys(cls, keys: Any) -> Any:
+        if not isinstance(keys, list):
+            return keys
+        return [
+            {"name": f"config-{i}", "key": key} if isinstance(key, str) else key
+            for i, key in enumerate(keys, 1)
+        ]
 
     @model_validator(mode="after")
     def _names_unique(self) -> GatewaySettings:
@@ -147,9 +190,20 @@ class GatewaySettings(_Strict):
                         f"models[{owner[name]}] ({first})"
                     )
                 owner.setdefault(name, i)
+        for entry in self.api_keys:
+            problems += [
+                f"api_keys.{entry.name}: model {name!r} is not configured"
+                for name in entry.models or []
+                if name not in owner
+            ]
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def canonical_names(self) -> dict[str, str]:
+        """Every model name and alias -> the name of the model it stands for."""
+        return {name: model.name for model in self.models for name in model.names}
 
 
 class ConfigError(Exception):
@@ -165,6 +219,17 @@ def load_settings(
     path: str | Path, env: Mapping[str, str] | None = None, **overrides: Any
 ) -> GatewaySettings:
     """Read, validate and complete a config file. Keys from the environment are added to it."""
+    return settings_from_dict(_read_mapping(path), source=str(path), env=env, **overrides)
+
+
+def load_keys_file(path: str | Path) -> KeysFile:
+    try:
+        return KeysFile.model_validate(_read_mapping(path))
+    except ValidationError as exc:
+        raise ConfigError(str(path), _describe(exc)) from None
+
+
+def _read_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -173,10 +238,10 @@ def load_settings(
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [f"not valid YAML: {exc}".replace("\n", " ")]) from None
     if raw is None:
-        raw = {}
+        return {}
     if not isinstance(raw, dict):
         raise ConfigError(str(path), ["the file must hold a mapping (key: value) at the top"])
-    return settings_from_dict(raw, source=str(path), env=env, **overrides)
+    return raw
 
 
 def settings_from_dict(
@@ -189,18 +254,28 @@ def settings_from_dict(
     data = dict(raw)
     data.update({k: v for k, v in overrides.items() if v is not None})
     env_keys = (os.environ if env is None else env).get(API_KEYS_ENV, "")
-    extra_keys = [k.strip() for k in env_keys.split(",") if k.strip()]
+    extra_keys = [
+        {"name": f"env-{i}", "key": key}
+        for i, key in enumerate((k.strip() for k in env_keys.split(",") if k.strip()), 1)
+    ]
     if extra_keys:
         data["api_keys"] = [*(data.get("api_keys") or []), *extra_keys]
     try:
         return GatewaySettings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, [_describe(err) for err in exc.errors()]) from None
+        raise ConfigError(source, _describe(exc)) from None
 
 
-def _describe(err: Mapping[str, Any]) -> str:
-    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"])
-    message = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        message = "unknown option (check the spelling)"
-    return f"{where.lstrip('.') or '(top level)'}: {message}"
+def _describe(exc: ValidationError) -> list[str]:
+    """One line per problem, each naming its field. Cross-field checks name their own fields."""
+    lines = []
+    for err in exc.errors():
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown option (check the spelling)"
+        if where:
+            lines.append(f"{where.lstrip('.')}: {message}")
+        else:
+            lines += message.split("; ")
+    return lines

@@ -93,6 +93,13 @@ class FakeVllmProtocol(asyncio.Protocol):
 
     # handling
     async def _handle(self, req: _Request) -> None:
+        try:
+            await self._answer(req)
+        except Exception as exc:  # vLLM answers a request it cannot handle with a 400
+            if self.transport is not None and not self.transport.is_closing():
+                self._write(400, _error(f"fake cannot handle this: {exc!r}", 400))
+
+    async def _answer(self, req: _Request) -> None:
         path = req.url.split(b"?", 1)[0]
         opts = self.options
         if path == b"/health":

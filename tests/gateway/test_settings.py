@@ -23,12 +23,24 @@ def test_minimal_connect_config() -> None:
     assert settings.timeouts.first_byte >= 600  # long non-streamed generations must fit
 
 
-def test_keys_from_environment_are_added() -> None:
-    settings = settings_from_dict(
-        {"models": [CHAT], "api_keys": ["sk-a"]}, env={"VLLM_GATEWAY_API_KEYS": "sk-b, sk-c"}
-    )
-    assert [k.get_secret_value() for k in settings.api_keys] == ["sk-a", "sk-b", "sk-c"]
-    assert "sk-a" not in repr(settings)  # secrets never print
+def test_secrets_never_print() -> None:
+    settings = settings_from_dict({"models": [CHAT], "api_keys": ["sk-a"]}, env={})
+    assert "sk-a" not in repr(settings)
+
+
+def test_a_key_entry_needs_exactly_one_secret() -> None:
+    both = {"name": "k", "key": "sk-a", "sha256": "ab" * 32}
+    neither = {"name": "k"}
+    expected = ["api_keys[0]: give either `key` or `sha256` (the key's SHA-256, in hex)"]
+    assert problems({"models": [CHAT], "api_keys": [both]}) == expected
+    assert problems({"models": [CHAT], "api_keys": [neither]}) == expected
+
+
+def test_a_key_may_only_name_configured_models() -> None:
+    entry = {"name": "team-a", "key": "sk-a", "models": ["chat", "gpt-4"]}
+    assert problems({"models": [CHAT], "api_keys": [entry]}) == [
+        "api_keys.team-a: model 'gpt-4' is not configured"
+    ]
 
 
 def test_bad_url_is_named_by_its_field() -> None:
@@ -57,7 +69,7 @@ def test_duplicate_names_and_aliases_are_refused() -> None:
     found = problems(
         {"models": [CHAT, {"name": "other", "aliases": ["chat"], "url": "http://h:2"}]}
     )
-    assert found == ["(top level): models[1]: name 'chat' is already used by models[0] (tiny-chat)"]
+    assert found == ["models[1]: name 'chat' is already used by models[0] (tiny-chat)"]
 
 
 def test_vllm_args_are_written_without_dashes_and_without_gateway_owned_flags() -> None:

@@ -1,0 +1,155 @@
+"""API keys: who a request comes from, which models it may reach, and how fast.
+
+Keys come from three places, all active at once: the config's `api_keys`, the environment
+(VLLM_GATEWAY_API_KEYS, comma-separated) and an optional keys file. Only SHA-256 digests are
+kept in memory; a presented key is hashed and compared in constant time against every digest,
+with no early exit. The keys file is re-read when it changes and on SIGHUP, so a key rotates
+without a restart; a file that no longer validates leaves the previous keys in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.settings import ConfigError, GatewaySettings, KeySettings, load_keys_file
+
+log = logging.getLogger("vllm_gateway.keys")
+
+# Where the auth middleware leaves the caller's ApiKey for the layers below it.
+SCOPE_KEY = "vllm_gateway.api_key"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    name: str
+    digest: bytes
+    models: frozenset[str] | None  # canonical model names; None: every model
+    requests_per_minute: int | None = None
+    max_concurrent: int | None = None
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    @property
+    def limited(self) -> bool:
+        return self.requests_per_minute is not None or self.max_concurrent is not None
+
+
+def digest(key: str | bytes) -> bytes:
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
+
+
+class KeyRing:
+    """The keys in force. ``canonical`` maps every model name and alias to its model's name."""
+
+    def __init__(
+        self,
+        static: Iterable[ApiKey],
+        canonical: Mapping[str, str],
+        keys_file: str | Path | None = None,
+    ) -> None:
+        self._static = list(static)
+        self._canonical = dict(canonical)
+        self._path = Path(keys_file) if keys_file is not None else None
+        self._stamp: tuple[int, int, int] | None = None
+        self._keys = list(self._static)
+        if self._path is not None:
+            self._keys = self._static + self._read_file(self._path)
+            self._stamp = _stamp(self._path)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether keys are required at all: an empty keys file still locks the gateway."""
+        return bool(self._static) or self._path is not None
+
+    @property
+    def names(self) -> list[str]:
+        return [key.name for key in self._keys]
+
+    def identify(self, presented: bytes) -> ApiKey | None:
+        candidate = digest(presented)
+        found = None
+        for key in self._keys:
+            if hmac.compare_digest(candidate, key.digest):
+                found = key
+        return found
+
+    def reload(self) -> bool:
+        """Re-read the keys file; on a bad file keep the keys in force and say why."""
+        if self._path is None:
+            return False
+        try:
+            keys = self._read_file(self._path)
+        except ConfigError as exc:
+            log.error("keys file not reloaded, previous keys stay: %s", exc)
+            return False
+        self._keys = self._static + keys
+        log.info("keys file reloaded: %d keys (%s)", len(self._keys), ", ".join(self.names))
+        return True
+
+    async def watch(self, interval: float = 1.0) -> None:
+        """Reload whenever the keys file changes (mtime, size or inode: editors and rename)."""
+        if self._path is None:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            stamp = _stamp(self._path)
+            if stamp is not None and stamp != self._stamp:
+                self._stamp = stamp
+                self.reload()
+
+    def _read_file(self, path: Path) -> list[ApiKey]:
+        entries = load_keys_file(path).keys
+        problems = _problems(entries, self._canonical, taken={k.name for k in self._static})
+        if problems:
+            raise ConfigError(str(path), problems)
+        return [api_key(entry, self._canonical) for entry in entries]
+
+
+def key_ring(settings: GatewaySettings) -> KeyRing:
+    """The keys of a config. Raises ConfigError for a keys file that does not validate."""
+    canonical = settings.canonical_names
+    static = [api_key(entry, canonical) for entry in settings.api_keys]
+    return KeyRing(static, canonical, settings.keys_file)
+
+
+def api_key(entry: KeySettings, canonical: Mapping[str, str]) -> ApiKey:
+    secret = (
+        digest(entry.key.get_secret_value())
+        if entry.key is not None
+        else bytes.fromhex(entry.sha256 or "")
+    )
+    models = None if entry.models is None else frozenset(canonical[m] for m in entry.models)
+    return ApiKey(entry.name, secret, models, entry.requests_per_minute, entry.max_concurrent)
+
+
+def _problems(
+    entries: list[KeySettings], canonical: Mapping[str, str], taken: set[str]
+) -> list[str]:
+    problems = []
+    seen = set(taken)
+    for entry in entries:
+        if entry.name in seen:
+            problems.append(f"keys.{entry.name}: the name is used twice")
+        seen.add(entry.name)
+        problems += [
+            f"keys.{entry.name}: model {m!r} is not configured"
+            for m in entry.models or []
+            if m not in canonical
+        ]
+    return problems
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

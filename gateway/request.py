@@ -1,0 +1,86 @@
+"""The client's side of a relayed request: the few head fields the gateway uses, and the body.
+
+The body is read whole (routing needs its `model`), bounded in size and in time: a body larger
+than the limit is refused as soon as that is known, without reading the rest, and a client that
+stops sending half-way gets a 408 instead of holding the request open for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from dataclasses import dataclass
+
+from gateway.errors import PayloadTooLarge, RequestTimeout
+from gateway.types import Receive, Scope
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    content_type: str
+    content_length: int | None
+    request_id: bytes  # the client's, when well-formed and short; else a new one
+
+
+def read_head(headers: list[tuple[bytes, bytes]]) -> RequestHead:
+    content_type = ""
+    content_length: int | None = None
+    request_id: bytes | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-type":
+            content_type = value.decode("latin-1")
+        elif lname == b"content-length" and value.isdigit():
+            content_length = int(value)
+        elif lname == b"x-request-id" and _REQUEST_ID.match(value):
+            request_id = value
+    return RequestHead(content_type, content_length, request_id or new_request_id())
+
+
+def new_request_id() -> bytes:
+    return uuid.uuid4().hex.encode()
+
+
+async def read_body(
+    receive: Receive, content_length: int | None, limit: int, timeout: float
+) -> bytes | None:
+    """The whole request body, refused early when it cannot fit; None if the client left."""
+    if content_length is not None and content_length > limit:
+        raise PayloadTooLarge(_too_large(limit))
+    try:
+        async with asyncio.timeout(timeout):
+            return await _receive_all(receive, limit)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {timeout:g} seconds."
+        ) from None
+
+
+async def _receive_all(receive: Receive, limit: int) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(_too_large(limit))
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(limit: int) -> str:
+    return f"The request body is larger than this gateway's limit of {limit} bytes."
+
+
+def path_and_query(scope: Scope) -> str:
+    path: str = scope["path"]
+    query: bytes = scope.get("query_string", b"")
+    return f"{path}?{query.decode('latin-1')}" if query else path
