@@ -46,8 +46,6 @@ class Backend:
     spec: VllmSpec
     replica: Replica
     process: BackendProcess
-    restarts: int = 0
-    ready_since: float | None = None
     task: asyncio.Task[None] | None = None
 
 
@@ -62,7 +60,7 @@ class Supervisor:
         self.timings = timings or SupervisorTimings()
         self.backends: dict[str, Backend] = {}
         for spec in specs:
-            replica = Replica(url="", api_key=None, state=BackendState.STOPPED)
+            replica = Replica(url="", state=BackendState.STOPPED, gpus=tuple(spec.gpus))
             process = BackendProcess(spec.name, Path(log_dir) / f"{spec.name}.log")
             self.backends[spec.name] = Backend(spec, replica, process)
         self._client: httpx.AsyncClient | None = None
@@ -113,31 +111,37 @@ class Supervisor:
                     "\n  ".join(backend.process.tail()),
                 )
                 return
-            backend.restarts += 1
+            backend.replica.restarts += 1
             backend.replica.state = BackendState.RESTARTING
             delay = min(
                 self.timings.backoff_cap,
                 self.timings.backoff_base * 2 ** max(0, failures_in_a_row - 1),
             )
             log.warning(
-                "%s: restarting in %.0fs (restart %d)", backend.spec.name, delay, backend.restarts
+                "%s: restarting in %.0fs (restart %d)",
+                backend.spec.name,
+                delay,
+                backend.replica.restarts,
             )
             await asyncio.sleep(delay)
 
     async def _start_and_watch(self, backend: Backend) -> bool:
         """Run one life of the server. True if it became ready before it ended."""
         spec, replica, process = backend.spec, backend.replica, backend.process
-        port, key = free_port(), secrets.token_urlsafe(24)
+        # "sk-" first: a key starting with "-" would read as a flag to the server's argparse.
+        port, key = free_port(), "sk-" + secrets.token_urlsafe(24)
         replica.url, replica.api_key = f"http://127.0.0.1:{port}", key
         await process.start(spec.command(port, key), spec.environment(), self.timings.stop_grace)
         log.info("%s: starting on port %d (pid %s)", spec.name, port, process.pid)
         if not await self._wait_ready(backend):
             return False
         replica.state = BackendState.READY
-        backend.ready_since = time.monotonic()
-        log.info("%s: ready after %.0fs", spec.name, backend.ready_since - process.started_at)
+        backend.replica.ready_since = time.monotonic()
+        log.info(
+            "%s: ready after %.0fs", spec.name, backend.replica.ready_since - process.started_at
+        )
         await self._watch(backend)
-        backend.ready_since = None
+        backend.replica.ready_since = None
         return True
 
     async def _wait_ready(self, backend: Backend) -> bool:
@@ -178,7 +182,9 @@ class Supervisor:
                         "\n  ".join(process.tail(10)),
                     )
                     return
+                began = time.monotonic()
                 healthy = await is_healthy(self._client, replica.url)
+                replica.health_latency = time.monotonic() - began
                 failures = 0 if healthy else failures + 1
             replica.state = BackendState.RESTARTING
             log.error("%s: failed %d health checks in a row", spec.name, failures)
@@ -206,8 +212,10 @@ class Supervisor:
                 "url": b.replica.url,
                 "gpus": list(b.spec.gpus),
                 "pid": b.process.pid,
-                "restarts": b.restarts,
-                "uptime_s": round(now - b.ready_since, 1) if b.ready_since else None,
+                "restarts": b.replica.restarts,
+                "uptime_s": round(now - b.replica.ready_since, 1)
+                if b.replica.ready_since
+                else None,
                 "log": str(b.process.log_path),
             }
             for b in self.backends.values()
