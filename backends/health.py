@@ -6,7 +6,16 @@ needs /v1/models to list the served name.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
 import httpx
+
+from backends.pool import BackendState, Replica
+
+log = logging.getLogger("vllm_gateway.health")
 
 
 async def is_ready(client: httpx.AsyncClient, url: str, name: str, api_key: str | None) -> bool:
@@ -28,3 +37,65 @@ async def is_healthy(client: httpx.AsyncClient, url: str) -> bool:
         return (await client.get(f"{url}/health")).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class HealthPolicy:
+    interval: float = 5.0
+    timeout: float = 2.0
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 2
+
+
+class HealthChecker:
+    """Active health checks of servers the gateway connects to (it does not own them).
+
+    A ready replica failing ``unhealthy_threshold`` checks in a row is taken out; any replica
+    that is out is admitted again after ``healthy_threshold`` passed checks in a row, where a
+    pass needs /health and the model list (a restarted vLLM answers /health before it serves).
+    """
+
+    def __init__(self, replicas: list[tuple[str, Replica, HealthPolicy]]) -> None:
+        self.replicas = replicas
+        self._tasks: list[asyncio.Task[None]] = []
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        if not self.replicas:
+            return
+        self._client = httpx.AsyncClient()
+        self._tasks = [
+            asyncio.create_task(self._watch(name, replica, policy), name=f"health:{replica.url}")
+            for name, replica, policy in self.replicas
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _watch(self, name: str, replica: Replica, policy: HealthPolicy) -> None:
+        assert self._client is not None
+        passed = failed = 0
+        while True:
+            began = time.monotonic()
+            try:
+                async with asyncio.timeout(policy.timeout):
+                    if replica.state is BackendState.READY:
+                        ok = await is_healthy(self._client, replica.url)
+                    else:
+                        ok = await is_ready(self._client, replica.url, name, replica.api_key)
+            except TimeoutError:
+                ok = False
+            replica.health_latency = time.monotonic() - began
+            passed, failed = (passed + 1, 0) if ok else (0, failed + 1)
+            if replica.state is BackendState.READY and failed >= policy.unhealthy_threshold:
+                replica.state, replica.ready_since = BackendState.UNHEALTHY, None
+                log.warning("%s at %s: unhealthy after %d failed checks", name, replica.url, failed)
+            elif replica.state is not BackendState.READY and passed >= policy.healthy_threshold:
+                replica.state, replica.ready_since = BackendState.READY, time.monotonic()
+                replica.note_success()
+                log.info("%s at %s: healthy again, admitted", name, replica.url)
+            await asyncio.sleep(policy.interval)

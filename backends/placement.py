@@ -25,7 +25,7 @@ def gpu_map(specs: Sequence[VllmSpec]) -> dict[int, list[tuple[str, float]]]:
     layout: dict[int, list[tuple[str, float]]] = defaultdict(list)
     for spec in specs:
         for gpu in spec.gpus:
-            layout[gpu].append((spec.name, spec.memory_share))
+            layout[gpu].append((spec.label, spec.memory_share))
     return dict(sorted(layout.items()))
 
 
@@ -34,19 +34,19 @@ def placement_problems(specs: Sequence[VllmSpec], gpu_count: int | None) -> list
     for spec in specs:
         share = spec.memory_share
         if not 0 < share <= 1:
-            problems.append(f"{spec.name}: gpu-memory-utilization {share} is not in (0, 1]")
+            problems.append(f"{spec.label}: gpu-memory-utilization {share} is not in (0, 1]")
         if spec.gpus:
             parallel = spec.tensor_parallel_size * int(spec.args.get("pipeline-parallel-size", 1))
             if parallel != len(spec.gpus):
                 problems.append(
-                    f"{spec.name}: tensor-parallel-size x pipeline-parallel-size is {parallel} "
+                    f"{spec.label}: tensor-parallel-size x pipeline-parallel-size is {parallel} "
                     f"but {len(spec.gpus)} GPUs are listed ({_gpus(spec.gpus)})"
                 )
         if gpu_count is not None:
             missing = [g for g in spec.gpus if g >= gpu_count]
             if missing:
                 problems.append(
-                    f"{spec.name}: GPU {_gpus(missing)} does not exist "
+                    f"{spec.label}: GPU {_gpus(missing)} does not exist "
                     f"(this machine has {gpu_count}: 0-{gpu_count - 1})"
                 )
     for gpu, tenants in gpu_map(specs).items():
@@ -132,7 +132,7 @@ def fit_warnings(specs: Sequence[VllmSpec], gpu_memory_bytes: float | None) -> l
         budget = gpu_memory_bytes * len(spec.gpus) * spec.memory_share * HEADROOM
         if weights > budget:
             warnings.append(
-                f"{spec.name}: weights need ~{weights / 1e9:.0f} GB ({source}) but "
+                f"{spec.label}: weights need ~{weights / 1e9:.0f} GB ({source}) but "
                 f"{len(spec.gpus)} GPU(s) x {gpu_memory_bytes / 1e9:.0f} GB x "
                 f"{spec.memory_share:g} leave ~{budget / 1e9:.0f} GB after KV-cache headroom; "
                 "add GPUs, raise gpu-memory-utilization or quantize"

@@ -1,23 +1,52 @@
 """Replicas of one model and the choice between them.
 
 A replica is one vLLM server. Its ``state`` is written by whoever watches it (the process
-supervisor in spawn mode; nobody yet in connect mode, where a server is assumed ready) and read
-by the gateway on every request, so it is a plain attribute, not a lock-guarded structure:
-everything here runs on one event loop.
+supervisor in spawn mode, the health checker in connect mode) and read by the gateway on every
+request, so it is a plain attribute, not a lock-guarded structure: everything here runs on one
+event loop. Besides its state, a replica can be *ejected* for a cool-down after failing requests
+(passive health checking), which takes it out of the choice without waiting for a health check.
 """
 
 from __future__ import annotations
 
+import time
+import zlib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal
+
+Policy = Literal["least_outstanding", "vllm_metrics", "affinity"]
 
 
 class BackendState(StrEnum):
     LOADING = "loading"
     READY = "ready"
+    UNHEALTHY = "unhealthy"  # failing its health checks (connect mode)
     RESTARTING = "restarting"
     FAILED = "failed"
     STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class Ejection:
+    """Passive health checking: after ``after`` failed requests in a row, out for ``seconds``."""
+
+    after: int = 3
+    seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class VllmLoad:
+    """What a vLLM server says about its own load, scraped off the request path."""
+
+    running: float
+    waiting: float
+    kv_cache_usage: float  # 0..1
+
+    @property
+    def score(self) -> float:
+        return self.running + 2 * self.waiting + 4 * self.kv_cache_usage
 
 
 @dataclass(eq=False)
@@ -26,10 +55,31 @@ class Replica:
     api_key: str | None = None
     state: BackendState = BackendState.READY
     in_flight: int = 0
+    ejection: Ejection = field(default_factory=Ejection)
+    failures: int = 0  # failed requests in a row (refused, reset, 5xx)
+    ejected_until: float = 0.0  # time.monotonic(); 0 when not ejected
+    # What its watcher learnt, for /metrics and the status page.
+    restarts: int = 0
+    ready_since: float | None = None  # time.monotonic()
+    health_latency: float | None = None  # seconds, last health check
+    gpus: tuple[int, ...] = ()
+    load: VllmLoad | None = None  # from the replica's own /metrics (policy vllm_metrics)
 
     @property
     def ready(self) -> bool:
-        return self.state is BackendState.READY
+        if self.state is not BackendState.READY:
+            return False
+        return not self.ejected_until or time.monotonic() >= self.ejected_until
+
+    def note_failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.ejection.after:
+            self.ejected_until = time.monotonic() + self.ejection.seconds
+
+    def note_success(self) -> None:
+        if self.failures:
+            self.failures = 0
+            self.ejected_until = 0.0
 
 
 @dataclass(eq=False)
@@ -39,14 +89,41 @@ class ReplicaPool:
     name: str
     replicas: list[Replica] = field(default_factory=list)
     max_model_len: int | None = None
+    open_streams: int = 0
+    policy: Policy = "least_outstanding"
+    affinity_header: bytes = b"x-session-id"  # lower case, as ASGI gives header names
 
-    def pick(self) -> Replica | None:
-        """The ready replica with the fewest requests in flight, or None if none is ready."""
+    def pick(
+        self, exclude: Collection[Replica] = (), affinity: str | None = None
+    ) -> Replica | None:
+        """A ready replica by the pool's policy, or None if none is ready.
+
+        least_outstanding: fewest requests in flight through this gateway.
+        vllm_metrics: lowest vLLM-reported load (running + 2 waiting + 4 KV-cache use) plus
+          this gateway's in-flight count, which also covers the time since the last scrape.
+        affinity: the same session key always lands on the same replica while it is ready
+          (rendezvous hashing, so losing a replica moves only its own sessions); requests
+          without a key fall back to least_outstanding.
+        """
+        if self.policy == "affinity" and affinity is not None:
+            return self._by_affinity(exclude, affinity)
+        weigh = _with_vllm_load if self.policy == "vllm_metrics" else _in_flight
         best: Replica | None = None
+        best_weight = 0.0
         for replica in self.replicas:
-            if replica.ready and (best is None or replica.in_flight < best.in_flight):
-                best = replica
+            if not replica.ready or replica in exclude:
+                continue
+            weight = weigh(replica)
+            if best is None or weight < best_weight:
+                best, best_weight = replica, weight
         return best
+
+    def _by_affinity(self, exclude: Collection[Replica], key: str) -> Replica | None:
+        # Hash on the replica's position, not its URL: a restarted server gets a new port.
+        ready = [(i, r) for i, r in enumerate(self.replicas) if r.ready and r not in exclude]
+        if not ready:
+            return None
+        return max(ready, key=lambda item: zlib.crc32(f"{key}|{item[0]}".encode()))[1]
 
     @property
     def loading(self) -> bool:
@@ -54,3 +131,12 @@ class ReplicaPool:
         return any(
             r.state in (BackendState.LOADING, BackendState.RESTARTING) for r in self.replicas
         )
+
+
+def _in_flight(replica: Replica) -> float:
+    return replica.in_flight
+
+
+def _with_vllm_load(replica: Replica) -> float:
+    load = replica.load
+    return replica.in_flight + (load.score if load is not None else 0.0)

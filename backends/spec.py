@@ -23,6 +23,12 @@ class VllmSpec:
     gpus: tuple[int, ...] = ()
     args: Mapping[str, Any] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
+    replica: int | None = None  # this server's index among the model's replicas, if several
+
+    @property
+    def label(self) -> str:
+        """Unique per server: the model's name, with the replica's index when it has several."""
+        return self.name if self.replica is None else f"{self.name}#{self.replica}"
 
     @property
     def tensor_parallel_size(self) -> int:

@@ -61,13 +61,13 @@ class Supervisor:
         self.backends: dict[str, Backend] = {}
         for spec in specs:
             replica = Replica(url="", state=BackendState.STOPPED, gpus=tuple(spec.gpus))
-            process = BackendProcess(spec.name, Path(log_dir) / f"{spec.name}.log")
-            self.backends[spec.name] = Backend(spec, replica, process)
+            process = BackendProcess(spec.label, Path(log_dir) / f"{spec.label}.log")
+            self.backends[spec.label] = Backend(spec, replica, process)
         self._client: httpx.AsyncClient | None = None
         self._progress: asyncio.Task[None] | None = None
 
     def replicas(self, name: str) -> list[Replica]:
-        return [self.backends[name].replica]
+        return [b.replica for b in self.backends.values() if b.spec.name == name]
 
     async def start(self) -> None:
         if not self.backends:
@@ -76,7 +76,7 @@ class Supervisor:
         for backend in self.backends.values():
             backend.replica.state = BackendState.LOADING
             backend.task = asyncio.create_task(
-                self._run(backend), name=f"backend:{backend.spec.name}"
+                self._run(backend), name=f"backend:{backend.spec.label}"
             )
         self._progress = asyncio.create_task(self._report_progress())
 
@@ -105,7 +105,7 @@ class Supervisor:
                 backend.replica.state = BackendState.FAILED
                 log.error(
                     "%s: failed %d times in a row; giving up. Last log lines (%s):\n  %s",
-                    backend.spec.name,
+                    backend.spec.label,
                     failures_in_a_row,
                     backend.process.log_path,
                     "\n  ".join(backend.process.tail()),
@@ -119,7 +119,7 @@ class Supervisor:
             )
             log.warning(
                 "%s: restarting in %.0fs (restart %d)",
-                backend.spec.name,
+                backend.spec.label,
                 delay,
                 backend.replica.restarts,
             )
@@ -132,13 +132,13 @@ class Supervisor:
         port, key = free_port(), "sk-" + secrets.token_urlsafe(24)
         replica.url, replica.api_key = f"http://127.0.0.1:{port}", key
         await process.start(spec.command(port, key), spec.environment(), self.timings.stop_grace)
-        log.info("%s: starting on port %d (pid %s)", spec.name, port, process.pid)
+        log.info("%s: starting on port %d (pid %s)", spec.label, port, process.pid)
         if not await self._wait_ready(backend):
             return False
         replica.state = BackendState.READY
         backend.replica.ready_since = time.monotonic()
         log.info(
-            "%s: ready after %.0fs", spec.name, backend.replica.ready_since - process.started_at
+            "%s: ready after %.0fs", spec.label, backend.replica.ready_since - process.started_at
         )
         await self._watch(backend)
         backend.replica.ready_since = None
@@ -152,7 +152,7 @@ class Supervisor:
             if not process.alive:
                 log.error(
                     "%s: exited with code %s while loading. Last log lines (%s):\n  %s",
-                    spec.name,
+                    spec.label,
                     process.returncode,
                     process.log_path,
                     "\n  ".join(process.tail()),
@@ -161,7 +161,7 @@ class Supervisor:
             if await is_ready(self._client, replica.url, spec.name, replica.api_key):
                 return True
             await asyncio.sleep(self.timings.poll_interval)
-        log.error("%s: not ready after %.0fs", spec.name, self.timings.startup_timeout)
+        log.error("%s: not ready after %.0fs", spec.label, self.timings.startup_timeout)
         return False
 
     async def _watch(self, backend: Backend) -> None:
@@ -177,7 +177,7 @@ class Supervisor:
                     replica.state = BackendState.RESTARTING
                     log.error(
                         "%s: exited with code %s. Last log lines:\n  %s",
-                        spec.name,
+                        spec.label,
                         process.returncode,
                         "\n  ".join(process.tail(10)),
                     )
@@ -187,7 +187,7 @@ class Supervisor:
                 replica.health_latency = time.monotonic() - began
                 failures = 0 if healthy else failures + 1
             replica.state = BackendState.RESTARTING
-            log.error("%s: failed %d health checks in a row", spec.name, failures)
+            log.error("%s: failed %d health checks in a row", spec.label, failures)
         finally:
             exited.cancel()
 
@@ -200,14 +200,14 @@ class Supervisor:
                 if state in (BackendState.LOADING, BackendState.RESTARTING):
                     elapsed = time.monotonic() - backend.process.started_at
                     last = (backend.process.tail(1) or [""])[0][:160]
-                    log.info("%s: %s for %.0fs | %s", backend.spec.name, state, elapsed, last)
+                    log.info("%s: %s for %.0fs | %s", backend.spec.label, state, elapsed, last)
 
     def snapshot(self) -> list[dict[str, object]]:
         """Each backend's state, for status pages and logs."""
         now = time.monotonic()
         return [
             {
-                "name": b.spec.name,
+                "name": b.spec.label,
                 "state": str(b.replica.state),
                 "url": b.replica.url,
                 "gpus": list(b.spec.gpus),

@@ -2,7 +2,8 @@
 
 Layers, outermost first: CORS (when configured), API keys (when configured), then a dispatcher
 that sends the relayed paths straight to the pure-ASGI relay and everything else (health, the
-model list, errors for unknown paths) to a small FastAPI app that owns the lifespan.
+model list, metrics, status, errors for unknown paths) to the control API, which owns the
+lifespan.
 """
 
 from __future__ import annotations
@@ -12,25 +13,24 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
-import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
-from starlette.exceptions import HTTPException
+from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from backends.pool import Replica, ReplicaPool
+from backends.health import HealthChecker, HealthPolicy
+from backends.load import LoadScraper
+from backends.pool import Ejection, Replica, ReplicaPool
 from backends.supervisor import Supervisor
 from gateway.auth import OPEN_PATHS, APIKeyMiddleware
 from gateway.catalog import ModelCatalog
-from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, RouteNotFound
-from gateway.keys import SCOPE_KEY, ApiKey, KeyRing, key_ring
+from gateway.control import ControlParts, control_api
+from gateway.keys import KeyRing, key_ring
 from gateway.launch import backend_specs
 from gateway.relay import Relay, RelayLimits
 from gateway.routing import RELAYED_PATHS, RouteTable
 from gateway.settings import GatewaySettings
+from gateway.status import StatusReport
+from gateway.telemetry import Telemetry
 from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import UpstreamClients
 
@@ -40,16 +40,39 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
     if supervisor is None:
         supervisor = Supervisor(backend_specs(settings), log_dir=settings.log_dir)
     pools = []
+    checked: list[tuple[str, Replica, HealthPolicy]] = []
     for model in settings.models:
-        if model.url is not None:
+        health = model.health
+        ejection = Ejection(after=health.eject_after, seconds=health.eject_seconds)
+        if model.vllm is None:
             key = model.api_key.get_secret_value() if model.api_key else None
-            replicas = [Replica(url=model.url, api_key=key)]
+            replicas = [Replica(url=url, api_key=key) for url in model.endpoints]
+            policy = HealthPolicy(
+                health.interval,
+                health.timeout,
+                health.unhealthy_threshold,
+                health.healthy_threshold,
+            )
+            checked += [(model.name, replica, policy) for replica in replicas]
         else:
             replicas = supervisor.replicas(model.name)
-        pools.append((ReplicaPool(model.name, replicas), model.aliases))
+        for replica in replicas:
+            replica.ejection = ejection
+        pool = ReplicaPool(
+            model.name,
+            replicas,
+            policy=model.balance,
+            affinity_header=model.affinity_header.lower().encode("latin-1"),
+        )
+        pools.append((pool, model.aliases))
+    health_checker = HealthChecker(checked)
+    scraper = LoadScraper(
+        [r for pool, _ in pools if pool.policy == "vllm_metrics" for r in pool.replicas]
+    )
     table = RouteTable(pools)
     keys = key_ring(settings)
     clients = UpstreamClients(connect_timeout=settings.timeouts.connect)
+    telemetry = Telemetry(table.pools)
     relay = Relay(
         table,
         clients,
@@ -59,25 +82,38 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             idle_timeout=settings.timeouts.idle,
             client_timeout=settings.timeouts.client,
         ),
+        telemetry,
+    )
+    status = StatusReport(
+        table.pools,
+        aliases={m.name: m.aliases for m in settings.models},
+        modes={m.name: "spawn" if m.vllm is not None else "connect" for m in settings.models},
+        telemetry=telemetry,
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await supervisor.start()
+        await health_checker.start()
+        await scraper.start()
         watcher = asyncio.create_task(keys.watch())
         reload_on_sighup(keys)
         try:
             yield
         finally:
             watcher.cancel()
+            await scraper.stop()
+            await health_checker.stop()
             await supervisor.stop()
             await clients.aclose()
 
-    api = _control_api(ModelCatalog(table, clients), lifespan)
+    api = control_api(
+        ControlParts(ModelCatalog(table, clients), telemetry, status, clients), lifespan
+    )
     app: ASGIApp = Dispatcher(relay, api)
     if keys.enabled:
         opened = {path for name in settings.open_endpoints for path in OPENABLE[name]}
-        app = APIKeyMiddleware(app, keys, OPEN_PATHS | opened)
+        app = APIKeyMiddleware(app, keys, ALWAYS_OPEN | opened)
     if settings.cors is not None:
         app = CORSMiddleware(
             app,
@@ -89,8 +125,10 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
     return app
 
 
-# Paths a config may serve without a key (`open_endpoints`).
-OPENABLE = {"metrics": {"/metrics"}, "status": {"/status", "/status.json"}}
+# Served without a key: /status is a page that holds no data until it has read /status.json.
+ALWAYS_OPEN = OPEN_PATHS | {"/status"}
+# Paths a config may serve without a key too (`open_endpoints`).
+OPENABLE = {"metrics": {"/metrics"}, "status": {"/status.json"}}
 
 
 def reload_on_sighup(keys: KeyRing) -> None:
@@ -111,42 +149,3 @@ class Dispatcher:
             await self.relay(scope, receive, send)
         else:
             await self.api(scope, receive, send)
-
-
-def _control_api(catalog: ModelCatalog, lifespan: Any) -> FastAPI:
-    api = FastAPI(
-        title="vllm-gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
-    )
-
-    @api.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200)
-
-    @api.get("/v1/models")
-    async def models(request: Request) -> Response:
-        key: ApiKey | None = request.scope.get(SCOPE_KEY)
-        listing = await catalog.listing(key.models if key is not None else None)
-        return Response(orjson.dumps(listing), media_type="application/json")
-
-    @api.exception_handler(GatewayError)
-    async def gateway_error(_: Request, exc: GatewayError) -> Response:
-        return _error_response(exc)
-
-    @api.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        if exc.status_code == 405:
-            return _error_response(MethodNotAllowed(f"{request.method} is not allowed here."))
-        if exc.status_code == 404:
-            return _error_response(RouteNotFound(f"No route {request.url.path!r} on this gateway."))
-        return _error_response(InvalidRequest(str(exc.detail)))
-
-    @api.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return _error_response(InvalidRequest(f"Invalid request: {exc.errors()}"))
-
-    return api
-
-
-def _error_response(error: GatewayError) -> Response:
-    headers = {k.decode(): v.decode() for k, v in error.headers()}
-    return Response(error.body(), status_code=error.status, headers=headers)

@@ -7,7 +7,6 @@ VLLM_GATEWAY_PORT), so a container needs no command-line changes.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -59,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         "--port", type=int, default=env("VLLM_GATEWAY_PORT"), help="default: config, 8000"
     )
     serve_p.add_argument("--log-level", default=env("VLLM_GATEWAY_LOG_LEVEL"))
+    serve_p.add_argument(
+        "--log-format", choices=["text", "json"], default=env("VLLM_GATEWAY_LOG_FORMAT")
+    )
     with_config(commands.add_parser("check", help="validate a config and exit"))
     with_config(commands.add_parser("plan", help="print the GPU map and backend commands"))
     tiny = commands.add_parser("tiny-models", help="build tiny random-weight test models")
@@ -120,18 +122,19 @@ def plan(args: argparse.Namespace) -> int:
         print(f"  GPU {gpu}: {total:.0%} used by {names}")
     if not gpu_map(specs):
         print("  (no model names GPUs)")
-    spec_by_name = {spec.name: spec for spec in specs}
     for model in settings.models:
         aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
         print(f"\n{model.name}{aliases}")
-        if model.url is not None:
-            print(f"  connect: {model.url}")
-            continue
-        spec = spec_by_name[model.name]
-        if env := spec.environment({}):
-            print("  env: " + " ".join(f"{k}={v}" for k, v in env.items()))
-        cmd = shell_line(spec.command(port=0, api_key="<generated>"))
-        print("  cmd: " + cmd.replace("--port 0", "--port <free>"))
+        for url in model.endpoints:
+            print(f"  connect: {url}")
+        for spec in (s for s in specs if s.name == model.name):
+            prefix = f"  [replica {spec.replica}]" if spec.replica is not None else ""
+            if prefix:
+                print(prefix)
+            if env := spec.environment({}):
+                print("  env: " + " ".join(f"{k}={v}" for k, v in env.items()))
+            cmd = shell_line(spec.command(port=0, api_key="<generated>"))
+            print("  cmd: " + cmd.replace("--port 0", "--port <free>"))
     return 0 if _placement_ok(settings) else 2
 
 
@@ -139,14 +142,17 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.logs import configure_logging
     from gateway.server import uvicorn_config
 
-    settings = _load(args, host=args.host, port=args.port, log_level=args.log_level)
-    if settings is None or not _placement_ok(settings):
-        return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    settings = _load(
+        args, host=args.host, port=args.port, log_level=args.log_level, log_format=args.log_format
     )
+    if settings is None:
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    if not _placement_ok(settings):
+        return 2
     try:
         app = create_app(settings)
     except ConfigError as exc:

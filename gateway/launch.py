@@ -9,18 +9,25 @@ from gateway.settings import GatewaySettings
 
 
 def backend_specs(settings: GatewaySettings) -> list[VllmSpec]:
-    return [
-        VllmSpec(
-            name=model.name,
-            model=model.vllm.model,
-            launcher=launcher(settings.launcher),
-            gpus=tuple(model.vllm.gpus),
-            args=dict(model.vllm.args),
-            env=dict(model.vllm.env),
-        )
-        for model in settings.models
-        if model.vllm is not None
-    ]
+    """One spec per replica of every spawn-mode model."""
+    specs = []
+    for model in settings.models:
+        if model.vllm is None:
+            continue
+        groups = model.vllm.replica_gpus()
+        for index, gpus in enumerate(groups):
+            specs.append(
+                VllmSpec(
+                    name=model.name,
+                    model=model.vllm.model,
+                    launcher=launcher(settings.launcher),
+                    gpus=tuple(gpus),
+                    args=dict(model.vllm.args),
+                    env=dict(model.vllm.env),
+                    replica=index if len(groups) > 1 else None,
+                )
+            )
+    return specs
 
 
 def launcher(configured: list[str]) -> tuple[str, ...]:

@@ -1,7 +1,6 @@
 """Reading just enough of a request to route it: the `model` it names.
 
-The body is forwarded as it came; it is re-encoded only when an alias must become the model's
-canonical name, which is the one case the backend would not understand the original.
+The body is forwarded as it came; the relay re-encodes it only where it must change.
 """
 
 from __future__ import annotations
@@ -31,10 +30,6 @@ def model_from_json(body: bytes, content_type: str) -> tuple[str, dict[str, Any]
     if not isinstance(doc, dict):
         raise InvalidBody("The request body must be a JSON object.")
     return check_model(doc.get("model", _MISSING)), doc
-
-
-def body_with_model(doc: dict[str, Any], model: str) -> bytes:
-    return orjson.dumps({**doc, "model": model})
 
 
 def model_from_multipart(body: bytes, content_type: str) -> str:

@@ -2,18 +2,20 @@
 
 It reads the body (bounded), peeks at `model`, picks a replica, and relays the upstream response
 chunk by chunk as it arrives: no buffering, no decoding of streams. A status and headers are
-sent only once the backend answered them, so every failure before that is a clean OpenAI error;
-a stream that breaks after its 200 ends with an SSE error event and ``[DONE]``.
-
-Two things can interrupt a relay from outside: the client leaving (the upstream request is then
-closed, and vLLM aborts the generation) and a backend that stays silent for too long.
+sent only once the backend answered them, so every failure before that is a clean OpenAI error
+(and a replica that refused the connection is skipped for another); a stream that breaks after
+its 200 ends with an SSE error event and ``[DONE]``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any
+
+import aiohttp
+import orjson
 
 from backends.pool import Replica, ReplicaPool
 from gateway.errors import (
@@ -25,13 +27,18 @@ from gateway.errors import (
     send_error,
     sse_error_event,
 )
+from gateway.interrupt import Interrupter, Reason
 from gateway.keys import SCOPE_KEY, ApiKey
 from gateway.limits import KeyLimiter
-from gateway.peek import body_with_model, model_from_json, model_from_multipart
+from gateway.peek import model_from_json, model_from_multipart
 from gateway.request import RequestHead, path_and_query, read_body, read_head
 from gateway.routing import MULTIPART_PATHS, RouteTable
-from gateway.types import Message, Receive, Scope, Send
+from gateway.telemetry import UNROUTED, RequestRecord, Telemetry
+from gateway.types import Receive, Scope, Send
 from gateway.upstream import UpstreamClients, downstream_headers, translate, upstream_headers
+from gateway.usage import TAIL_BYTES, UsageStripper, ask_for_usage, find_usage
+
+CLIENT_CLOSED = 499  # nginx's status for a request whose client left first (logs and metrics)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,127 +49,242 @@ class RelayLimits:
     client_timeout: float = 60.0
 
 
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """A routed request: where it goes and the exact bytes that go there."""
+
+    pool: ReplicaPool
+    body: bytes
+    stripper: UsageStripper | None  # set when the gateway asked for usage on the client's behalf
+    affinity: str | None = None  # the session key, for pools balanced by affinity
+
+
 class Relay:
     def __init__(
         self,
         table: RouteTable,
         clients: UpstreamClients,
         limits: RelayLimits,
+        telemetry: Telemetry,
         key_limiter: KeyLimiter | None = None,
     ) -> None:
         self.table = table
         self.clients = clients
         self.limits = limits
+        self.telemetry = telemetry
         self.key_limiter = key_limiter or KeyLimiter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         head = read_head(scope["headers"])
         key: ApiKey | None = scope.get(SCOPE_KEY)
-        limited = key is not None and key.limited
+        record = RequestRecord(head.request_id.decode(), scope["path"])
+        admitted = False
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"{scope['path']} accepts POST only.")
-            if limited:
-                self.key_limiter.admit(key)  # type: ignore[arg-type]
-        except GatewayError as exc:
+            if key is not None:
+                record.key = key.name
+                if key.limited:
+                    self.key_limiter.admit(key)
+                    admitted = True
+            job = await self._prepare(scope, receive, head, key, record)
+            if job is None:
+                record.status = CLIENT_CLOSED
+                return
+            await self._forward(scope, receive, send, job, head, record)
+        except GatewayError as exc:  # refused before any byte of a response was sent
+            record.status = exc.status
             await send_error(send, exc, head.request_id)
-            return
-        try:
-            await self._relay(scope, receive, send, head, key)
         finally:
-            if limited:
+            if admitted:
                 self.key_limiter.release(key)  # type: ignore[arg-type]
+            self.telemetry.finish(record)
 
-    async def _relay(
-        self, scope: Scope, receive: Receive, send: Send, head: RequestHead, key: ApiKey | None
-    ) -> None:
-        try:
-            body = await read_body(
-                receive, head.content_length, self.limits.max_body_bytes, self.limits.client_timeout
-            )
-            if body is None:
-                return  # the client left while sending
-            pool, body = self._route(scope["path"], head.content_type, body, key)
-            replica = _pick(pool)
-        except GatewayError as exc:
-            await send_error(send, exc, head.request_id)
-            return
-        await self._forward(scope, receive, send, pool, replica, body, head.request_id)
-
-    def _route(
-        self, path: str, content_type: str, body: bytes, key: ApiKey | None
-    ) -> tuple[ReplicaPool, bytes]:
-        allowed = key.models if key is not None else None
+    async def _prepare(
+        self,
+        scope: Scope,
+        receive: Receive,
+        head: RequestHead,
+        key: ApiKey | None,
+        record: RequestRecord,
+    ) -> _Job | None:
+        limits = self.limits
+        body = await read_body(
+            receive, head.content_length, limits.max_body_bytes, limits.client_timeout
+        )
+        if body is None:
+            return None  # the client left while sending
+        path, allowed = scope["path"], key.models if key is not None else None
         if path in MULTIPART_PATHS:
-            model = model_from_multipart(body, content_type)
-            return self.table.resolve(model, allowed).pool, body
-        model, doc = model_from_json(body, content_type)
+            pool = self.table.resolve(model_from_multipart(body, head.content_type), allowed).pool
+            record.model = pool.name
+            return _Job(pool, body, None, _affinity(pool, {}, scope))
+        model, doc = model_from_json(body, head.content_type)
         route = self.table.resolve(model, allowed)
-        if route.via_alias:
-            body = body_with_model(doc, route.pool.name)
-        return route.pool, body
+        record.model = route.pool.name
+        with_usage = ask_for_usage(path, doc)
+        if with_usage is not None or route.via_alias:
+            # Re-encoded only when it must change: an alias becomes the canonical name (the
+            # backend knows no other), or the stream is asked to report its token usage.
+            body = orjson.dumps({**(with_usage or doc), "model": route.pool.name})
+        stripper = UsageStripper() if with_usage is not None else None
+        return _Job(route.pool, body, stripper, _affinity(route.pool, doc, scope))
 
     async def _forward(
         self,
         scope: Scope,
         receive: Receive,
         send: Send,
-        pool: ReplicaPool,
-        replica: Replica,
-        body: bytes,
-        request_id: bytes,
+        job: _Job,
+        head: RequestHead,
+        record: RequestRecord,
     ) -> None:
-        url = replica.url + path_and_query(scope)
-        headers = upstream_headers(scope["headers"], replica.api_key, request_id.decode())
-        session = self.clients.session(replica.url)
-        guard = _Interrupter(asyncio.current_task(), receive)  # type: ignore[arg-type]
-        response = None
-        started = completed = is_sse = False
-        replica.in_flight += 1
+        guard = Interrupter(asyncio.current_task(), receive)  # type: ignore[arg-type]
+        response: aiohttp.ClientResponse | None = None
+        replica: Replica | None = None
+        started = completed = False
         try:
             try:
                 guard.arm(self.limits.first_byte_timeout)
-                response = await session.post(url, data=body, headers=headers)
-                is_sse = response.content_type == "text/event-stream"
+                response, replica = await self._open(scope, job, head, record)
+                record.status = response.status
+                if response.status >= 500:
+                    replica.note_failure()
+                else:
+                    replica.note_success()
+                record.stream = response.content_type == "text/event-stream"
                 await send(
                     {
                         "type": "http.response.start",
                         "status": response.status,
-                        "headers": downstream_headers(response, request_id),
+                        "headers": downstream_headers(response, head.request_id),
                     }
                 )
                 started = True
+                if record.stream:
+                    job.pool.open_streams += 1
                 guard.arm(self.limits.idle_timeout)
-                content = response.content
-                while chunk := await content.readany():
-                    guard.touch()
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await self._pump(response, send, guard, job, record)
                 completed = True
+            except GatewayError:
+                raise  # nothing sent yet: the caller answers with the error
             except Exception as exc:  # an upstream failure: the one place it is reported
                 guard.stop()
-                error = translate(exc, pool.name, started=started)
-                await _fail(send, error, request_id, started, started and is_sse)
+                await self._fail(
+                    send, translate(exc, job.pool.name, started=started), started, record
+                )
         except asyncio.CancelledError:
             if guard.reason is None:
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             guard.stop()
-            if guard.reason is _Reason.IDLE:
+            if guard.reason is Reason.IDLE:
                 what = "stopped sending" if started else "did not answer in time"
-                error = GatewayTimeout(f"The backend for model {pool.name!r} {what}.")
-                await _fail(send, error, request_id, started, started and is_sse)
+                error = GatewayTimeout(f"The backend for model {job.pool.name!r} {what}.")
+                await self._fail(send, error, started, record)
+            else:
+                record.error = "client_gone"
+                record.status = record.status if started else CLIENT_CLOSED
         finally:
             guard.stop()
-            replica.in_flight -= 1
+            if replica is not None:
+                replica.in_flight -= 1
+            if started and record.stream:
+                job.pool.open_streams -= 1
             if response is not None:
                 # Closing (not releasing) an unfinished response drops the connection, which
                 # is how vLLM learns to abort the generation.
                 response.release() if completed else response.close()
 
+    async def _open(
+        self, scope: Scope, job: _Job, head: RequestHead, record: RequestRecord
+    ) -> tuple[aiohttp.ClientResponse, Replica]:
+        """Send the request to a replica; one that cannot be reached is skipped for the next.
 
-def _pick(pool: ReplicaPool) -> Replica:
-    replica = pool.pick()
+        Only failures before any response (refused, reset before headers) are retried, so a
+        request is never answered twice.
+        """
+        tried: list[Replica] = []
+        while True:
+            replica = _pick(job.pool, tried, job.affinity)
+            headers = upstream_headers(scope["headers"], replica.api_key, record.request_id)
+            session = self.clients.session(replica.url)
+            replica.in_flight += 1
+            try:
+                response = await session.post(
+                    replica.url + path_and_query(scope), data=job.body, headers=headers
+                )
+            except BaseException as exc:
+                replica.in_flight -= 1
+                error = translate(exc, job.pool.name) if isinstance(exc, Exception) else None
+                if not isinstance(error, BackendUnavailable):
+                    raise
+                replica.note_failure()
+                tried.append(replica)
+                if len(tried) >= len(job.pool.replicas):
+                    raise error from None
+                continue
+            record.backend = replica.url
+            return response, replica
+
+    async def _pump(
+        self,
+        response: aiohttp.ClientResponse,
+        send: Send,
+        guard: Interrupter,
+        job: _Job,
+        record: RequestRecord,
+    ) -> None:
+        """Relay the body as it arrives. Per chunk: a clock read and a send, nothing else."""
+        stripper = job.stripper if record.stream else None
+        content = response.content
+        previous = last = b""
+        while chunk := await content.readany():
+            guard.touch()
+            if stripper is not None and not (chunk := stripper.feed(chunk)):
+                continue
+            if record.ttfb is None:
+                record.ttfb = time.perf_counter() - record.started
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            previous, last = last, chunk
+        if stripper is not None and (rest := stripper.flush()):
+            await send({"type": "http.response.body", "body": rest, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if response.status == 200:
+            record.usage = (
+                stripper.usage
+                if stripper is not None
+                else find_usage((previous + last)[-TAIL_BYTES:])
+            )
+
+    async def _fail(
+        self, send: Send, error: GatewayError, started: bool, record: RequestRecord
+    ) -> None:
+        if not started:
+            raise error
+        record.error = error.code
+        if not record.stream:
+            return  # a non-stream response cut mid-body stays truncated: the truth
+        try:
+            body = sse_error_event(error)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        except OSError:
+            pass  # the client is gone too
+
+
+def _affinity(pool: ReplicaPool, doc: dict[str, Any], scope: Scope) -> str | None:
+    """The session key: OpenAI's `user` field, else the pool's affinity header."""
+    if pool.policy != "affinity":
+        return None
+    user = doc.get("user")
+    if isinstance(user, str) and user:
+        return user
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    return next((v.decode("latin-1") for k, v in headers if k == pool.affinity_header), None)
+
+
+def _pick(pool: ReplicaPool, tried: list[Replica], affinity: str | None) -> Replica:
+    replica = pool.pick(exclude=tried, affinity=affinity)
     if replica is not None:
         return replica
     if pool.loading:
@@ -172,76 +294,4 @@ def _pick(pool: ReplicaPool) -> Replica:
     raise BackendUnavailable(f"No backend of model {pool.name!r} is available.", retry_after=30)
 
 
-async def _fail(
-    send: Send, error: GatewayError, request_id: bytes, started: bool, is_sse: bool
-) -> None:
-    try:
-        if not started:
-            await send_error(send, error, request_id)
-        elif is_sse:
-            body = sse_error_event(error)
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-        # A non-stream response cut mid-body is left incomplete: the server closes the
-        # connection and the client sees a truncated response, which is the truth.
-    except OSError:
-        pass  # the client is gone too
-
-
-class _Reason:
-    CLIENT_GONE = "client_gone"
-    IDLE = "idle"
-
-
-class _Interrupter:
-    """Cancels the relay task when the client disconnects or the backend stays silent.
-
-    The timer is lazy: each chunk only records the time, and the timer, when it fires, re-arms
-    itself at the last chunk's deadline. A stream pays one clock read per chunk, not a timer.
-    """
-
-    def __init__(self, task: asyncio.Task[Any], receive: Receive) -> None:
-        self.reason: str | None = None
-        self._task = task
-        self._loop = asyncio.get_running_loop()
-        self._limit = 0.0
-        self._last = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._watcher: asyncio.Task[None] | None = self._loop.create_task(self._watch(receive))
-
-    def arm(self, seconds: float) -> None:
-        self._limit = seconds
-        self._last = self._loop.time()
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(self._last + seconds, self._check)
-
-    def touch(self) -> None:
-        self._last = self._loop.time()
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
-
-    def _check(self) -> None:
-        deadline = self._last + self._limit
-        if self._loop.time() >= deadline:
-            self._timer = None
-            self._interrupt(_Reason.IDLE)
-        else:
-            self._timer = self._loop.call_at(deadline, self._check)
-
-    async def _watch(self, receive: Receive) -> None:
-        while True:
-            message: Message = await receive()
-            if message["type"] == "http.disconnect":
-                self._interrupt(_Reason.CLIENT_GONE)
-                return
-
-    def _interrupt(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-            self._task.cancel()
+__all__ = ["UNROUTED", "Relay", "RelayLimits"]

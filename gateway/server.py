@@ -124,6 +124,8 @@ def uvicorn_config(app: ASGIApp, settings: GatewaySettings, **overrides: Any) ->
         "loop": "auto",
         "http": guarded_protocol(settings.max_header_bytes, settings.timeouts.client),
         "server_header": False,
+        "log_config": None,  # logging is set up once, by gateway.logs
+        "access_log": False,  # the gateway writes its own, with model, key name and tokens
         "timeout_graceful_shutdown": 30,
         **overrides,
     }

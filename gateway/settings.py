@@ -50,17 +50,22 @@ class VllmSpawn(_Strict):
     """How the gateway starts this model's own `vllm serve` (spawn mode)."""
 
     model: str = Field(min_length=1)
-    gpus: list[int] = Field(default_factory=list)
+    replicas: int = Field(1, ge=1, le=64)
+    gpus: list[int] | list[list[int]] = Field(
+        default_factory=list,
+        description="GPUs of the model, split evenly between replicas; or one list per replica",
+    )
     args: dict[str, ArgValue] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("gpus")
     @classmethod
-    def _gpus_distinct(cls, gpus: list[int]) -> list[int]:
-        if any(g < 0 for g in gpus):
-            raise ValueError("GPU indices are 0 or more")
-        if len(set(gpus)) != len(gpus):
-            raise ValueError("a GPU is listed twice")
+    def _gpus_valid(cls, gpus: list[int] | list[list[int]]) -> list[int] | list[list[int]]:
+        for group in _groups(gpus):
+            if any(g < 0 for g in group):
+                raise ValueError("GPU indices are 0 or more")
+            if len(set(group)) != len(group):
+                raise ValueError("a GPU is listed twice")
         return gpus
 
     @field_validator("args")
@@ -73,38 +78,100 @@ class VllmSpawn(_Strict):
                 raise ValueError(f"{flag!r} is set by the gateway; leave it out")
         return args
 
+    @model_validator(mode="after")
+    def _gpus_fit_replicas(self) -> VllmSpawn:
+        self.replica_gpus()
+        return self
+
+    def replica_gpus(self) -> list[list[int]]:
+        """The GPUs of each replica."""
+        if self.gpus and isinstance(self.gpus[0], list):
+            groups = _groups(self.gpus)
+            if len(groups) != self.replicas:
+                raise ValueError(f"gpus has {len(groups)} lists for {self.replicas} replicas")
+            return groups
+        flat = [g for g in self.gpus if isinstance(g, int)]
+        if len(flat) % self.replicas:
+            raise ValueError(
+                f"{len(flat)} GPUs do not split evenly between {self.replicas} replicas; "
+                "give one list per replica"
+            )
+        share = len(flat) // self.replicas
+        return [flat[i * share : (i + 1) * share] for i in range(self.replicas)]
+
+
+def _groups(gpus: list[int] | list[list[int]]) -> list[list[int]]:
+    """Per-replica lists as they are; a flat list as one group."""
+    if gpus and isinstance(gpus[0], list):
+        return [list(group) for group in gpus if isinstance(group, list)]
+    return [[g for g in gpus if isinstance(g, int)]]
+
 
 _GATEWAY_OWNED_FLAGS = frozenset({"host", "port", "served-model-name", "api-key", "model"})
+
+
+class HealthSettings(_Strict):
+    """Active checks (every replica's /health) and passive ejection (failed requests)."""
+
+    interval: float = Field(5.0, gt=0)
+    timeout: float = Field(2.0, gt=0)
+    unhealthy_threshold: int = Field(2, ge=1, description="failed checks in a row to take out")
+    healthy_threshold: int = Field(2, ge=1, description="passed checks in a row to admit again")
+    eject_after: int = Field(3, ge=1, description="failed requests in a row (refused, 5xx)")
+    eject_seconds: float = Field(10.0, gt=0)
 
 
 class ModelSettings(_Strict):
     name: str = Field(min_length=1)
     aliases: list[str] = Field(default_factory=list)
     url: str | None = None
+    urls: list[str] | None = Field(None, min_length=1, description="replicas (connect mode)")
     api_key: SecretStr | None = Field(None, description="key the backend expects (connect mode)")
     vllm: VllmSpawn | None = None
+    balance: Literal["least_outstanding", "vllm_metrics", "affinity"] = "least_outstanding"
+    affinity_header: str = Field(
+        "x-session-id", description="for balance: affinity, when the body has no `user`"
+    )
+    health: HealthSettings = Field(default_factory=lambda: HealthSettings())
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str | None) -> str | None:
-        if url is None:
+        return None if url is None else _check_url(url)
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, urls: list[str] | None) -> list[str] | None:
+        if urls is None:
             return None
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("not an http(s) URL")
-        if parts.query or parts.fragment:
-            raise ValueError("a backend URL takes no query or fragment")
-        return url.rstrip("/")
+        checked = [_check_url(url) for url in urls]
+        if len(set(checked)) != len(checked):
+            raise ValueError("a URL is listed twice")
+        return checked
 
     @model_validator(mode="after")
     def _one_mode(self) -> ModelSettings:
-        if (self.url is None) == (self.vllm is None):
-            raise ValueError("give either `url` (a running server) or `vllm` (spawn one)")
+        if sum(x is not None for x in (self.url, self.urls, self.vllm)) != 1:
+            raise ValueError("give one of `url` or `urls` (running servers) or `vllm` (spawn them)")
         return self
 
     @property
     def names(self) -> list[str]:
         return [self.name, *self.aliases]
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The URLs of a connect-mode model's replicas (none in spawn mode)."""
+        return [self.url] if self.url is not None else list(self.urls or [])
+
+
+def _check_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL")
+    if parts.query or parts.fragment:
+        raise ValueError("a backend URL takes no query or fragment")
+    return url.rstrip("/")
 
 
 class KeySettings(_Strict):
@@ -166,6 +233,8 @@ class GatewaySettings(_Strict):
     launcher: list[str] = Field(default_factory=lambda: ["vllm", "serve"], min_length=1)
     log_dir: str = "logs"
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = Field(True, description="one line per relayed request, at info level")
 
     @field_validator("api_keys", mode="before")
     @classmethod

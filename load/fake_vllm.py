@@ -191,6 +191,22 @@ class FakeVllmProtocol(asyncio.Protocol):
             event = b"data: " + head + b'tok"},"logprobs":null,"finish_reason":null}]}\n\n'
             self.transport.write(b"%x\r\n%s\r\n" % (len(event), event))
         tail = b"data: [DONE]\n\n"
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = orjson.dumps(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 8,
+                        "total_tokens": 8 + chunks,
+                        "completion_tokens": chunks,
+                    },
+                }
+            )
+            tail = b"data: " + usage + b"\n\n" + tail
         self.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
 
     def _write(self, status: int, body: bytes, keep_alive: bool = True) -> None:

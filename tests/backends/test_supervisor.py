@@ -76,7 +76,7 @@ async def test_dead_or_silent_backend_is_restarted(supervisor: Supervisor, sig: 
     os.kill(server, sig)
     await until(lambda: backend.replica.state is not BackendState.READY)
     await until(lambda: backend.replica.state is BackendState.READY)
-    assert backend.restarts == 1
+    assert backend.replica.restarts == 1
     await until(lambda: not alive(server))
 
 
@@ -85,7 +85,7 @@ async def test_backend_that_cannot_start_is_failed_with_its_log(tmp_path: Path) 
     await sup.start()
     try:
         await until(lambda: sup.backends["m"].replica.state is BackendState.FAILED)
-        assert sup.backends["m"].restarts == FAST.max_restarts
+        assert sup.backends["m"].replica.restarts == FAST.max_restarts
         assert (tmp_path / "m.log").read_text().count("starting:") == FAST.max_restarts + 1
     finally:
         await sup.stop()

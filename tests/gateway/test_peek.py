@@ -3,7 +3,7 @@
 import pytest
 
 from gateway.errors import InvalidJSON, InvalidModel, InvalidRequest, UnsupportedMediaType
-from gateway.peek import body_with_model, model_from_json, model_from_multipart
+from gateway.peek import model_from_json, model_from_multipart
 
 JSON = "application/json"
 
@@ -46,13 +46,6 @@ def test_wrong_content_type_is_415() -> None:
     with pytest.raises(UnsupportedMediaType) as info:
         model_from_json(b'{"model": "m"}', "text/plain")
     assert info.value.status == 415
-
-
-def test_alias_rewrite_changes_only_the_model() -> None:
-    _, doc = model_from_json(b'{"model": "chat", "max_tokens": 3}', JSON)
-    rewritten, _ = model_from_json(body_with_model(doc, "tiny-chat"), JSON)
-    assert rewritten == "tiny-chat"
-    assert model_from_json(body_with_model(doc, "x"), JSON)[1]["max_tokens"] == 3
 
 
 def multipart(fields: dict[str, bytes], boundary: str = "b0undary") -> tuple[bytes, str]:

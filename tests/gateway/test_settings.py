@@ -60,9 +60,25 @@ def test_a_model_needs_exactly_one_mode() -> None:
     both = {"name": "m", "url": "http://h:1", "vllm": {"model": "m"}}
     neither = {"name": "m"}
     assert problems({"models": [both]}) == [
-        "models[0]: give either `url` (a running server) or `vllm` (spawn one)"
+        "models[0]: give one of `url` or `urls` (running servers) or `vllm` (spawn them)"
     ]
-    assert problems({"models": [neither]})[0].startswith("models[0]: give either")
+    assert problems({"models": [neither]})[0].startswith("models[0]: give one of")
+
+
+def test_replicas_split_the_gpus_evenly_or_take_one_list_each() -> None:
+    def groups(vllm: dict) -> list[list[int]]:
+        raw = {"models": [{"name": "m", "vllm": {"model": "m", **vllm}}]}
+        spawn = settings_from_dict(raw, env={}).models[0].vllm
+        assert spawn is not None
+        return spawn.replica_gpus()
+
+    assert groups({"replicas": 2, "gpus": [0, 1, 2, 3]}) == [[0, 1], [2, 3]]
+    assert groups({"replicas": 2, "gpus": [[0], [0]]}) == [[0], [0]]  # two slices of GPU 0
+    assert groups({"replicas": 3}) == [[], [], []]
+    uneven = {"models": [{"name": "m", "vllm": {"model": "m", "replicas": 2, "gpus": [0, 1, 2]}}]}
+    assert problems(uneven) == [
+        "models[0].vllm: 3 GPUs do not split evenly between 2 replicas; give one list per replica"
+    ]
 
 
 def test_duplicate_names_and_aliases_are_refused() -> None:

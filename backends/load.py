@@ -1,0 +1,66 @@
+"""vLLM's own view of its load, scraped from each replica's /metrics off the request path.
+
+For pools balanced by ``vllm_metrics``: every ``interval`` seconds each replica's
+`vllm:num_requests_running`, `vllm:num_requests_waiting` and `vllm:kv_cache_usage_perc` are read
+(summed over label sets) into ``Replica.load``. A replica that does not answer keeps no load
+figure, so it is weighed by the gateway's in-flight count alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+
+from backends.pool import Replica, VllmLoad
+
+_SAMPLE = re.compile(
+    rb"^vllm:(num_requests_running|num_requests_waiting|kv_cache_usage_perc)(?:\{[^}]*\})? "
+    rb"([0-9.eE+-]+)",
+    re.MULTILINE,
+)
+
+
+def parse_load(text: bytes) -> VllmLoad | None:
+    found: dict[bytes, float] = {}
+    for name, value in _SAMPLE.findall(text):
+        found[name] = found.get(name, 0.0) + float(value)
+    if b"num_requests_running" not in found:
+        return None
+    return VllmLoad(
+        running=found[b"num_requests_running"],
+        waiting=found.get(b"num_requests_waiting", 0.0),
+        kv_cache_usage=found.get(b"kv_cache_usage_perc", 0.0),
+    )
+
+
+class LoadScraper:
+    def __init__(self, replicas: list[Replica], interval: float = 1.0) -> None:
+        self.replicas = replicas
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.replicas:
+            self._task = asyncio.create_task(self._run(), name="vllm-load-scraper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(timeout=self.interval) as client:
+            while True:
+                await asyncio.gather(*(self._scrape(client, r) for r in self.replicas))
+                await asyncio.sleep(self.interval)
+
+    async def _scrape(self, client: httpx.AsyncClient, replica: Replica) -> None:
+        if not replica.url:
+            return
+        try:
+            response = await client.get(replica.url + "/metrics")
+            replica.load = parse_load(response.content) if response.status_code == 200 else None
+        except httpx.HTTPError:
+            replica.load = None

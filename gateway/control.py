@@ -1,0 +1,128 @@
+"""The gateway's own endpoints: health, the model list, metrics and the status page.
+
+A small FastAPI app behind the dispatcher; the relayed paths never reach it. Its errors use the
+same OpenAI shape as the relay's, and prometheus-fastapi-instrumentator counts its requests
+(the relayed ones are counted by ``gateway.metrics``, with model and key labels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import aiohttp
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_fastapi_instrumentator import Instrumentator
+from starlette.exceptions import HTTPException
+
+from gateway.catalog import ModelCatalog
+from gateway.errors import (
+    BackendUnavailable,
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    RouteNotFound,
+)
+from gateway.keys import SCOPE_KEY, ApiKey
+from gateway.status import StatusReport
+from gateway.telemetry import Telemetry
+from gateway.upstream import UpstreamClients
+
+BACKEND_METRICS_TIMEOUT = aiohttp.ClientTimeout(total=5)
+
+
+@dataclass(frozen=True)
+class ControlParts:
+    catalog: ModelCatalog
+    telemetry: Telemetry
+    status: StatusReport
+    clients: UpstreamClients
+
+
+def control_api(parts: ControlParts, lifespan: Any) -> FastAPI:
+    api = FastAPI(
+        title="vllm-gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    registry = parts.telemetry.metrics.registry
+    Instrumentator(excluded_handlers=["/metrics"], registry=registry).instrument(api)
+    page = resources.files("gateway").joinpath("status.html").read_bytes()
+
+    @api.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @api.get("/v1/models")
+    async def models(request: Request) -> Response:
+        key: ApiKey | None = request.scope.get(SCOPE_KEY)
+        listing = await parts.catalog.listing(key.models if key is not None else None)
+        return Response(orjson.dumps(listing), media_type="application/json")
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/backends/{model}/metrics")
+    async def backend_metrics(model: str, replica: int = 0) -> Response:
+        """A backend's own `vllm:*` series, relayed (vLLM serves /metrics without a key)."""
+        return await _backend_metrics(parts, model, replica)
+
+    @api.get("/status")
+    async def status_page() -> Response:
+        return HTMLResponse(page)
+
+    @api.get("/status.json")
+    async def status_json() -> Response:
+        return Response(orjson.dumps(parts.status.document()), media_type="application/json")
+
+    @api.exception_handler(GatewayError)
+    async def gateway_error(_: Request, exc: GatewayError) -> Response:
+        return error_response(exc)
+
+    @api.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 405:
+            return error_response(MethodNotAllowed(f"{request.method} is not allowed here."))
+        if exc.status_code == 404:
+            return error_response(RouteNotFound(f"No route {request.url.path!r} on this gateway."))
+        return error_response(InvalidRequest(str(exc.detail)))
+
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(InvalidRequest(f"Invalid request: {exc.errors()}"))
+
+    return api
+
+
+async def _backend_metrics(parts: ControlParts, model: str, index: int) -> Response:
+    pool = next((p for p in parts.catalog.table.pools if p.name == model), None)
+    if pool is None:
+        raise ModelNotFound(f"No model {model!r} on this gateway.", param="model")
+    if not 0 <= index < len(pool.replicas):
+        raise InvalidRequest(f"Model {model!r} has replicas 0 to {len(pool.replicas) - 1}.")
+    replica = pool.replicas[index]
+    unavailable = BackendUnavailable(
+        f"Replica {index} of model {model!r} does not answer.", retry_after=5
+    )
+    if not replica.url:
+        raise unavailable
+    try:
+        session = parts.clients.session(replica.url)
+        async with session.get(
+            replica.url + "/metrics", timeout=BACKEND_METRICS_TIMEOUT
+        ) as upstream:
+            body = await upstream.read()
+            media_type = upstream.headers.get("content-type", CONTENT_TYPE_LATEST)
+            return Response(body, status_code=upstream.status, media_type=media_type)
+    except (aiohttp.ClientError, TimeoutError):
+        raise unavailable from None
+
+
+def error_response(error: GatewayError) -> Response:
+    headers = {k.decode(): v.decode() for k, v in error.headers()}
+    return Response(error.body(), status_code=error.status, headers=headers)

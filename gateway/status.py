@@ -1,0 +1,63 @@
+"""`/status.json`: every backend at a glance, for the status page and for scripts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from backends.pool import ReplicaPool
+from gateway import __version__
+from gateway.telemetry import Telemetry
+
+
+class StatusReport:
+    def __init__(
+        self,
+        pools: Sequence[ReplicaPool],
+        aliases: Mapping[str, list[str]],
+        modes: Mapping[str, str],
+        telemetry: Telemetry,
+    ) -> None:
+        self.pools = pools
+        self.aliases = aliases
+        self.modes = modes
+        self.telemetry = telemetry
+        self.started = time.monotonic()
+
+    def document(self) -> dict[str, Any]:
+        now = time.monotonic()
+        models = []
+        for pool in self.pools:
+            replicas = [
+                {
+                    "index": i,
+                    "url": r.url or None,
+                    "state": str(r.state),
+                    "ejected": r.ejected_until > now,
+                    "gpus": list(r.gpus),
+                    "uptime_s": round(now - r.ready_since, 1) if r.ready_since else None,
+                    "restarts": r.restarts,
+                    "in_flight": r.in_flight,
+                    "health_ms": round(r.health_latency * 1000, 2)
+                    if r.health_latency is not None
+                    else None,
+                }
+                for i, r in enumerate(pool.replicas)
+            ]
+            models.append(
+                {
+                    "name": pool.name,
+                    "aliases": self.aliases.get(pool.name, []),
+                    "mode": self.modes.get(pool.name, "connect"),
+                    "ready": sum(r.ready for r in pool.replicas),
+                    "max_model_len": pool.max_model_len,
+                    "open_streams": pool.open_streams,
+                    "recent": self.telemetry.windows[pool.name].summary(),
+                    "replicas": replicas,
+                }
+            )
+        return {
+            "gateway": {"version": __version__, "uptime_s": round(now - self.started, 1)},
+            "models": models,
+        }

@@ -1,0 +1,89 @@
+"""Token counts from the backend's own `usage`, read without decoding what is relayed.
+
+vLLM writes `usage` at the end of a response (after `choices` or `data`), and in a stream as the
+last event before `[DONE]`. The relay keeps references to the last few chunks it sent; once the
+response is complete, ``find_usage`` reads the counts from that tail. Nothing is parsed per
+chunk.
+
+A streaming chat or completion request that did not ask for usage is sent upstream with
+`stream_options.include_usage` set, and the one usage-only event this adds is cut from what the
+client receives (``UsageStripper``); every other byte is relayed unchanged. So token metrics
+cover every request, and clients see exactly what they asked for.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+TAIL_BYTES = 4096
+
+_USAGE = re.compile(rb'"usage":\s*(\{[^{}]*\})')
+_MARKER = b'"usage":'
+
+
+def find_usage(tail: bytes) -> tuple[int, int] | None:
+    """(prompt_tokens, completion_tokens) of the last `usage` object in ``tail``."""
+    found = None
+    for found in _USAGE.finditer(tail):  # noqa: B007 - the last one counts
+        pass
+    if found is None:
+        return None
+    try:
+        usage = orjson.loads(found.group(1))
+    except orjson.JSONDecodeError:
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion
+
+
+def ask_for_usage(path: str, doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The request with include_usage set, when it streams without it; else None."""
+    if path not in USAGE_PATHS or doc.get("stream") is not True:
+        return None
+    options = doc.get("stream_options")
+    if options is None:
+        options = {}
+    elif not isinstance(options, dict) or "include_usage" in options:
+        return None  # the client chose (or sent something vLLM will judge): leave it alone
+    return {**doc, "stream_options": {**options, "include_usage": True}}
+
+
+class UsageStripper:
+    """Cuts the usage-only event out of a stream whose client did not ask for it.
+
+    Only a chunk containing the `"usage":` marker is looked at (a JSON string cannot contain it
+    unescaped, so generated text never matches); within it, the event whose `choices` is empty
+    is removed. The counts are kept for metrics.
+    """
+
+    def __init__(self) -> None:
+        self.usage: tuple[int, int] | None = None
+        self._pending = b""  # the start of an event split across chunks
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._pending:
+            chunk, self._pending = self._pending + chunk, b""
+        if not chunk.endswith(b"\n\n"):  # hold back an unfinished event: no use to a client
+            boundary = chunk.rfind(b"\n\n")
+            whole = boundary + 2 if boundary != -1 else 0
+            chunk, self._pending = chunk[:whole], chunk[whole:]
+        marker = chunk.find(_MARKER)
+        if marker == -1:
+            return chunk
+        boundary = chunk.rfind(b"\n\n", 0, marker)
+        start = boundary + 2 if boundary != -1 else 0
+        end = chunk.find(b"\n\n", marker) + 2
+        if b'"choices":[]' not in chunk[start:end]:
+            return chunk
+        self.usage = find_usage(chunk[start:end])
+        return chunk[:start] + chunk[end:]
+
+    def flush(self) -> bytes:
+        pending, self._pending = self._pending, b""
+        return pending

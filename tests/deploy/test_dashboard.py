@@ -1,0 +1,32 @@
+"""The Grafana dashboard only queries metrics the gateway really exports."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.servers import ROOT, FakeBackend, running_gateway
+
+DASHBOARD = ROOT / "deploy" / "observability" / "grafana-dashboard.json"
+
+
+def queried_metrics() -> set[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    exprs = [target["expr"] for panel in panels for target in panel["targets"]]
+    return {name for expr in exprs for name in re.findall(r"\bvllm_gateway_[a-z_]+", expr)}
+
+
+def test_every_metric_the_dashboard_queries_is_exported(fake: FakeBackend) -> None:
+    with running_gateway([{"name": fake.name, "url": fake.url}]) as gateway:
+        request = {"model": fake.name, "messages": [], "stream": True}
+        httpx.post(f"{gateway.url}/v1/chat/completions", json=request)
+        text = httpx.get(f"{gateway.url}/metrics").text
+    exported = {
+        sample.name for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+    queried = queried_metrics()
+    assert len(queried) >= 8
+    assert queried <= exported, f"not exported: {sorted(queried - exported)}"

@@ -1,0 +1,41 @@
+"""One structured line per request: the fields ops filter on, and never a body or a key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+
+from tests.servers import FakeBackend, GatewayProcess, wait_until
+
+
+def test_json_access_log_has_one_line_per_request(tmp_path: Path, fake: FakeBackend) -> None:
+    config = {
+        "models": [{"name": fake.name, "url": fake.url}],
+        "api_keys": [{"name": "team-a", "key": "sk-secret-team-a"}],
+        "log_format": "json",
+    }
+    gateway = GatewayProcess(config, tmp_path)
+    try:
+        headers = {"Authorization": "Bearer sk-secret-team-a", "X-Request-Id": "req-42"}
+        request = {"model": fake.name, "messages": [{"role": "user", "content": "PRIVATE-TEXT"}]}
+        assert httpx.post(f"{gateway.url}/v1/chat/completions", json=request, headers=headers)
+        wait_until(lambda: "req-42" in gateway.log.read_text(), 5, "the access line")
+    finally:
+        gateway.close()
+    text = gateway.log.read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    (access,) = [line for line in lines if line.get("request_id") == "req-42"]
+    assert access["logger"] == "vllm_gateway.access"
+    assert {k: access[k] for k in ("key", "model", "endpoint", "status", "backend")} == {
+        "key": "team-a",
+        "model": fake.name,
+        "endpoint": "/v1/chat/completions",
+        "status": 200,
+        "backend": fake.url,
+    }
+    assert access["latency_ms"] > 0 and access["ttfb_ms"] > 0
+    assert (access["prompt_tokens"], access["completion_tokens"]) == (8, 8)
+    assert "sk-secret-team-a" not in text and "PRIVATE-TEXT" not in text
+    assert all(line.startswith("{") for line in text.splitlines() if line.strip())
