@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from backends.placement import (
@@ -30,7 +31,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"serve": serve, "check": check, "plan": plan, "tiny-models": tiny_models}
+    handler = {
+        "serve": serve,
+        "check": check,
+        "plan": plan,
+        "k8s": k8s,
+        "tiny-models": tiny_models,
+    }
     return handler[args.command](args)
 
 
@@ -63,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     with_config(commands.add_parser("check", help="validate a config and exit"))
     with_config(commands.add_parser("plan", help="print the GPU map and backend commands"))
+    kube = with_config(commands.add_parser("k8s", help="print Kubernetes objects for a config"))
+    kube.add_argument("--image", help="the vLLM image of the model Deployments")
+    kube.add_argument("-o", "--output", help="write to this file instead of stdout")
     tiny = commands.add_parser("tiny-models", help="build tiny random-weight test models")
     tiny.add_argument("dir", help="output directory (chat/, embed/, rerank/ inside)")
     return parser
@@ -159,6 +169,22 @@ def serve(args: argparse.Namespace) -> int:
         _print_config_error(exc)
         return 2
     uvicorn.Server(uvicorn_config(app, settings)).run()
+    return 0
+
+
+def k8s(args: argparse.Namespace) -> int:
+    from gateway import kube
+
+    settings = _load(args)
+    if settings is None:
+        return 2
+    text = kube.render(settings, args.image or kube.VLLM_IMAGE, source=args.config)
+    for warning in kube.warnings(settings):
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        print(text, end="")
     return 0
 
 

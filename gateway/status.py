@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 from backends.pool import ReplicaPool
@@ -39,6 +40,7 @@ class StatusReport:
                     "uptime_s": round(now - r.ready_since, 1) if r.ready_since else None,
                     "restarts": r.restarts,
                     "in_flight": r.in_flight,
+                    "vllm_load": None if r.load is None else asdict(r.load),
                     "health_ms": round(r.health_latency * 1000, 2)
                     if r.health_latency is not None
                     else None,

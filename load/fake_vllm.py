@@ -106,6 +106,16 @@ class FakeVllmProtocol(asyncio.Protocol):
             return self._write(200, b"")
         if path == b"/fake/stats":
             return self._write(200, orjson.dumps(opts.stats))
+        if path == b"/metrics":  # the three load gauges vLLM exports, from this fake's own work
+            running = opts.stats["started"] - opts.stats["completed"] - opts.stats["aborted"]
+            return self._write(
+                200,
+                b"vllm:num_requests_running{model_name=\"%s\"} %d\n"
+                b"vllm:num_requests_waiting{model_name=\"%s\"} 0\n"
+                b"vllm:kv_cache_usage_perc{model_name=\"%s\"} 0.0\n"
+                % ((opts.served_names[0].encode(), running) + (opts.served_names[0].encode(),) * 2),
+                content_type=b"text/plain; version=0.0.4",
+            )
         authorized = (
             req.headers.get(b"authorization") == b"Bearer %s" % (opts.api_key or "").encode()
         )
@@ -209,13 +219,19 @@ class FakeVllmProtocol(asyncio.Protocol):
             tail = b"data: " + usage + b"\n\n" + tail
         self.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
 
-    def _write(self, status: int, body: bytes, keep_alive: bool = True) -> None:
+    def _write(
+        self,
+        status: int,
+        body: bytes,
+        keep_alive: bool = True,
+        content_type: bytes = b"application/json",
+    ) -> None:
         if self.transport is None or self.closed:
             return
         reason = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found"}
         self.transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-            % (status, reason.get(status, b"Error"), len(body), body)
+            b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
+            % (status, reason.get(status, b"Error"), content_type, len(body), body)
         )
         if not keep_alive:
             self.transport.close()

@@ -26,4 +26,10 @@ pip install -e ".[cpu,dev]" "torch==$TORCH_VERSION"
 for pkg in torchvision torchaudio torchcodec; do
   if "$py" -m pip show -q "$pkg" >/dev/null 2>&1; then pip uninstall -y "$pkg"; fi
 done
+# The status-page test drives a real browser: Debian's Chromium (Playwright's own browser
+# downloads are not used). Installed when missing and this runs as root; else that test skips.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "setup-env: installing chromium (apt)"
+  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "setup-env: chromium not installed" >&2
+fi
 echo "setup-env: ready ($("$py" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'))"

@@ -47,9 +47,9 @@ def answers(url: str) -> bool:
 class FakeBackend:
     """A fake vLLM server process on a free loopback port."""
 
-    def __init__(self, name: str = "fake", *args: str) -> None:
+    def __init__(self, name: str = "fake", *args: str, port: int | None = None) -> None:
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [

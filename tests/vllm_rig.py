@@ -87,11 +87,12 @@ class VllmRig:
                 cmd = spec.command(port, api_key=None)
                 self.procs.append(_launch(cmd, ARTIFACTS / f"vllm-{name}.log", dict(spec.env)))
                 self.urls[name] = f"http://127.0.0.1:{port}"
-        # One config mixing both modes: a spawned chat model and the rig's embedder.
+        # One config mixing both modes: a spawned chat model (two replicas) and the rig's
+        # embedder.
         self._spawn_gateway(
             "mixed",
             [
-                _spawned("spawned-chat", "chat", ["sc"], core=0),
+                _spawned("spawned-chat", "chat", ["sc"], core=0, replicas=2),
                 {"name": "tiny-embed", "url": self.urls["tiny-embed"]},
             ],
         )
@@ -144,13 +145,14 @@ class VllmRig:
 
 
 def _spawned(
-    name: str, kind: str, aliases: list[str], core: int, **args: object
+    name: str, kind: str, aliases: list[str], core: int, replicas: int = 1, **args: object
 ) -> dict[str, object]:
     return {
         "name": name,
         "aliases": aliases,
         "vllm": {
             "model": str(MODELS_DIR / kind),
+            "replicas": replicas,
             "args": {**CPU_ARGS, "max-model-len": 512, **args},
             "env": cpu_env(core),
         },

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import KEY
 from tests.servers import GatewayProcess
@@ -78,6 +79,39 @@ def test_stream_matches_direct_event_by_event(
     direct = stream_events(f"{vllm[model]}/v1/chat/completions", body, {})
     assert via == direct
     assert via[-1] == "[DONE]" and via[-2]["usage"]["completion_tokens"] == 12
+
+
+def test_stream_without_usage_matches_direct_and_is_still_counted(
+    gateway: GatewayProcess, vllm: dict[str, str]
+) -> None:
+    """The gateway asks real vLLM for usage on the client's behalf and cuts just that event."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {**CHAT, "model": "tiny-chat", "stream": True}
+    before = tokens_counted(gateway)
+    via = stream_events(f"{gateway.url}/v1/chat/completions", body, headers)
+    direct = stream_events(f"{vllm['tiny-chat']}/v1/chat/completions", body, {})
+    assert via == direct
+    assert not any(isinstance(e, dict) and "usage" in e for e in via)
+    assert tokens_counted(gateway) - before == 12
+
+
+def tokens_counted(gateway: GatewayProcess) -> float:
+    text = httpx.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    wanted = {"model": "tiny-chat", "key": "config-1", "kind": "completion"}
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "vllm_gateway_tokens_total" and sample.labels == wanted
+    )
+
+
+def test_backend_metrics_are_relayed(gateway: GatewayProcess) -> None:
+    response = httpx.get(
+        f"{gateway.url}/backends/tiny-chat/metrics", headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert response.status_code == 200
+    assert "vllm:num_requests_running{" in response.text
 
 
 def test_reasoning_field_reaches_the_client(client: openai.OpenAI) -> None:

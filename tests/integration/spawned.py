@@ -1,0 +1,42 @@
+"""Talking to the rig's spawn-mode gateways, and finding the vLLM servers below them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from tests.servers import GatewayProcess, descendants
+
+AUTH = {"Authorization": "Bearer sk-spawn"}
+
+
+def chat(gw: GatewayProcess, model: str) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    return httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+
+
+def embed(gw: GatewayProcess, model: str) -> httpx.Response:
+    return httpx.post(
+        f"{gw.url}/v1/embeddings", json={"model": model, "input": "hi"}, headers=AUTH, timeout=60
+    )
+
+
+def ok(call: object) -> bool:
+    try:
+        return call().status_code == 200  # type: ignore[operator]
+    except httpx.HTTPError:
+        return False
+
+
+def vllm_servers(gw: GatewayProcess) -> list[int]:
+    """The api_server processes below the gateway (not the reapers, not engine workers)."""
+    found = []
+    for pid in descendants(gw.proc.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"vllm.entrypoints.openai.api_server" in cmdline and b"backends.reaper" not in cmdline:
+            found.append(pid)
+    return found

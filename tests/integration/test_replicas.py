@@ -1,0 +1,108 @@
+"""Two real vLLM replicas of one model under steady load; one is killed with SIGKILL mid-run.
+
+Every request that had not started streaming must succeed (the gateway retries it on the other
+replica), every stream cut by the dying server must end with an error event and [DONE], the
+dead replica must leave the pool at once and come back once the supervisor restarted it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from tests.integration.spawned import AUTH, chat, embed, vllm_servers
+from tests.servers import wait_until
+from tests.vllm_rig import ARTIFACTS, READY_TIMEOUT, VllmRig
+
+pytestmark = pytest.mark.vllm
+CLIENTS, SECONDS, KILL_AT = 8, 30.0, 8.0
+
+
+def replicas(url: str) -> list[dict[str, object]]:
+    doc = httpx.get(f"{url}/status.json", headers=AUTH, timeout=10).json()
+    (model,) = [m for m in doc["models"] if m["name"] == "spawned-chat"]
+    return model["replicas"]  # type: ignore[no-any-return]
+
+
+def one_request(url: str, stream: bool) -> str:
+    body = {
+        "model": "sc",
+        "messages": [{"role": "user", "content": "count"}],
+        "max_tokens": 16,
+        "stream": stream,
+    }
+    try:
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=120)
+    except httpx.HTTPError as exc:
+        return f"exception {type(exc).__name__}"
+    if not stream:
+        return f"plain {response.status_code}"
+    events = [e for e in response.text.split("\n\n") if e]
+    if response.status_code != 200 or not events or events[-1] != "data: [DONE]":
+        return f"stream {response.status_code} unterminated"
+    if any('"error"' in e for e in events[:-1]):
+        return "stream cut, error event + [DONE]"
+    return "stream complete"
+
+
+def test_killing_one_replica_under_load(rig: VllmRig) -> None:
+    gw = rig.spawned["mixed"]
+    wait_until(
+        lambda: [r["state"] for r in replicas(gw.url)] == ["ready"] * 2,
+        READY_TIMEOUT,
+        "both replicas",
+        every=1,
+    )
+    assert chat(gw, "sc").json()["model"] == "spawned-chat"  # the alias, answered as its model
+    assert embed(gw, "tiny-embed").status_code == 200  # the connect-mode model of the config
+    servers = vllm_servers(gw)
+    assert len(servers) == 2
+
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+    stop_at = time.monotonic() + SECONDS
+
+    def client(n: int) -> None:
+        stream = n % 2 == 0
+        while time.monotonic() < stop_at:
+            outcome = one_request(gw.url, stream)
+            with lock:
+                outcomes[outcome] += 1
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    time.sleep(KILL_AT)
+    victim = servers[0]
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: any(r["state"] != "ready" for r in replicas(gw.url)), 5, "ejection")
+    ejected_after = time.monotonic() - killed
+    for thread in threads:
+        thread.join()
+    wait_until(
+        lambda: [r["state"] for r in replicas(gw.url)] == ["ready"] * 2,
+        READY_TIMEOUT,
+        "the restarted replica to be admitted again",
+        every=1,
+    )
+    restarted_after = time.monotonic() - killed
+    report = {
+        "outcomes": dict(outcomes),
+        "ejected_after_s": round(ejected_after, 2),
+        "readmitted_after_s": round(restarted_after, 1),
+        "restarts": [r["restarts"] for r in replicas(gw.url)],
+    }
+    (ARTIFACTS / "replicas-under-load.json").write_text(json.dumps(report, indent=2))
+    print(report)
+    allowed = {"plain 200", "stream complete", "stream cut, error event + [DONE]"}
+    assert set(outcomes) <= allowed, report
+    assert outcomes["plain 200"] > 0 and outcomes["stream complete"] > 0
+    assert sorted(report["restarts"]) == [0, 1]  # type: ignore[arg-type]
