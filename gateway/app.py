@@ -81,6 +81,7 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             first_byte_timeout=settings.timeouts.first_byte,
             idle_timeout=settings.timeouts.idle,
             client_timeout=settings.timeouts.client,
+            usage_for_all_streams=settings.stream_usage == "always",
         ),
         telemetry,
     )

@@ -47,6 +47,7 @@ class RelayLimits:
     first_byte_timeout: float
     idle_timeout: float
     client_timeout: float = 60.0
+    usage_for_all_streams: bool = False  # settings.stream_usage == "always"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +123,7 @@ class Relay:
         model, doc = model_from_json(body, head.content_type)
         route = self.table.resolve(model, allowed)
         record.model = route.pool.name
-        with_usage = ask_for_usage(path, doc)
+        with_usage = ask_for_usage(path, doc) if self.limits.usage_for_all_streams else None
         if with_usage is not None or route.via_alias:
             # Re-encoded only when it must change: an alias becomes the canonical name (the
             # backend knows no other), or the stream is asked to report its token usage.

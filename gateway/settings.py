@@ -235,6 +235,10 @@ class GatewaySettings(_Strict):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["text", "json"] = "text"
     access_log: bool = Field(True, description="one line per relayed request, at info level")
+    stream_usage: Literal["client", "always"] = Field(
+        "client",
+        description="count tokens of streams that asked for usage (client), or of every stream",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

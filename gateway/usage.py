@@ -5,10 +5,13 @@ last event before `[DONE]`. The relay keeps references to the last few chunks it
 response is complete, ``find_usage`` reads the counts from that tail. Nothing is parsed per
 chunk.
 
-A streaming chat or completion request that did not ask for usage is sent upstream with
-`stream_options.include_usage` set, and the one usage-only event this adds is cut from what the
-client receives (``UsageStripper``); every other byte is relayed unchanged. So token metrics
-cover every request, and clients see exactly what they asked for.
+Streams count their tokens when the client asked for usage (`stream_options.include_usage`),
+the default (`stream_usage: client`): what the client receives is then exactly vLLM's stream.
+With `stream_usage: always`, a streaming chat or completion that did not ask is sent upstream
+with include_usage set, and the usage-only event this adds is cut from what the client receives
+(``UsageStripper``). vLLM then also moves `system_fingerprint` from the last content event to
+that usage event, so those clients stop seeing the fingerprint: the one change, and the reason
+this is opt-in.
 """
 
 from __future__ import annotations

@@ -110,9 +110,9 @@ class FakeVllmProtocol(asyncio.Protocol):
             running = opts.stats["started"] - opts.stats["completed"] - opts.stats["aborted"]
             return self._write(
                 200,
-                b"vllm:num_requests_running{model_name=\"%s\"} %d\n"
-                b"vllm:num_requests_waiting{model_name=\"%s\"} 0\n"
-                b"vllm:kv_cache_usage_perc{model_name=\"%s\"} 0.0\n"
+                b'vllm:num_requests_running{model_name="%s"} %d\n'
+                b'vllm:num_requests_waiting{model_name="%s"} 0\n'
+                b'vllm:kv_cache_usage_perc{model_name="%s"} 0.0\n'
                 % ((opts.served_names[0].encode(), running) + (opts.served_names[0].encode(),) * 2),
                 content_type=b"text/plain; version=0.0.4",
             )

@@ -32,9 +32,8 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 @pytest.fixture
 def gateway(fake: FakeBackend) -> Iterator[GatewayServer]:
-    server = GatewayServer(
-        gateway_settings([{"name": fake.name, "aliases": ["chat"], "url": fake.url}], api_keys=KEYS)
-    )
+    models = [{"name": fake.name, "aliases": ["chat"], "url": fake.url}]
+    server = GatewayServer(gateway_settings(models, api_keys=KEYS, stream_usage="always"))
     yield server
     server.close()
 
@@ -80,7 +79,8 @@ def test_requests_tokens_and_backend_state_are_counted(gateway: GatewayServer) -
 def test_a_stream_that_did_not_ask_for_usage_gets_none(
     gateway: GatewayServer, fake: FakeBackend
 ) -> None:
-    """The gateway asks for usage on the client's behalf and removes just that one event."""
+    """With stream_usage: always, the gateway asks for usage on the client's behalf and
+    removes just that one event."""
     url = f"{gateway.url}/v1/chat/completions"
     via = httpx.post(url, json=chat(True), headers=bearer("sk-a")).text
     direct = httpx.post(

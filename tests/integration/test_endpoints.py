@@ -81,17 +81,23 @@ def test_stream_matches_direct_event_by_event(
     assert via[-1] == "[DONE]" and via[-2]["usage"]["completion_tokens"] == 12
 
 
-def test_stream_without_usage_matches_direct_and_is_still_counted(
+def test_stream_without_usage_is_exactly_vllms_and_counts_no_tokens(
     gateway: GatewayProcess, vllm: dict[str, str]
 ) -> None:
-    """The gateway asks real vLLM for usage on the client's behalf and cuts just that event."""
+    """The default (stream_usage: client): a stream that did not ask for usage is not touched.
+
+    Asking real vLLM for usage on the client's behalf would move `system_fingerprint` out of the
+    last content event (seen here), which is why `stream_usage: always` is opt-in.
+    """
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {**CHAT, "model": "tiny-chat", "stream": True}
     before = tokens_counted(gateway)
     via = stream_events(f"{gateway.url}/v1/chat/completions", body, headers)
     direct = stream_events(f"{vllm['tiny-chat']}/v1/chat/completions", body, {})
     assert via == direct
-    assert not any(isinstance(e, dict) and "usage" in e for e in via)
+    assert tokens_counted(gateway) == before
+    with_usage = {**body, "stream_options": {"include_usage": True}}
+    stream_events(f"{gateway.url}/v1/chat/completions", with_usage, headers)
     assert tokens_counted(gateway) - before == 12
 
 
