@@ -152,7 +152,12 @@ def report(out: Path) -> str:
         "```",
         "",
     ]
-    lines += ["Slices asked for: tiny-chat 0.3, tiny-embed 0.1, tiny-rerank 0.1 of the GPU.", ""]
+    lines += [
+        "Slices asked for: tiny-chat 0.3, tiny-embed 0.1, tiny-rerank 0.1 of the GPU. vLLM fills "
+        "a generating model's slice with KV cache; pooling models (embed, rerank) have none, so "
+        "they take only what their weights and activations need, well inside their slice.",
+        "",
+    ]
     lines += [
         "## Killing tiny-embed with SIGKILL",
         "",
