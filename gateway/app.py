@@ -80,7 +80,6 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             max_body_bytes=settings.max_body_bytes,
             first_byte_timeout=settings.timeouts.first_byte,
             idle_timeout=settings.timeouts.idle,
-            client_timeout=settings.timeouts.client,
             usage_for_all_streams=settings.stream_usage == "always",
         ),
         telemetry,

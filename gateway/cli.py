@@ -153,7 +153,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.logs import configure_logging
-    from gateway.server import uvicorn_config
+    from gateway.server import tune_gc, uvicorn_config
 
     settings = _load(
         args, host=args.host, port=args.port, log_level=args.log_level, log_format=args.log_format
@@ -168,6 +168,7 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_config_error(exc)
         return 2
+    tune_gc()
     uvicorn.Server(uvicorn_config(app, settings)).run()
     return 0
 

@@ -46,7 +46,6 @@ class RelayLimits:
     max_body_bytes: int
     first_byte_timeout: float
     idle_timeout: float
-    client_timeout: float = 60.0
     usage_for_all_streams: bool = False  # settings.stream_usage == "always"
 
 
@@ -110,9 +109,7 @@ class Relay:
         record: RequestRecord,
     ) -> _Job | None:
         limits = self.limits
-        body = await read_body(
-            receive, head.content_length, limits.max_body_bytes, limits.client_timeout
-        )
+        body = await read_body(receive, head.content_length, limits.max_body_bytes)
         if body is None:
             return None  # the client left while sending
         path, allowed = scope["path"], key.models if key is not None else None

@@ -1,18 +1,17 @@
 """The client's side of a relayed request: the few head fields the gateway uses, and the body.
 
-The body is read whole (routing needs its `model`), bounded in size and in time: a body larger
-than the limit is refused as soon as that is known, without reading the rest, and a client that
-stops sending half-way gets a 408 instead of holding the request open for ever.
+The body is read whole (routing needs its `model`) and bounded in size: a body larger than the
+limit is refused as soon as that is known, without reading the rest. (A client that stops
+sending half-way gets a 408 from the server protocol, ``gateway.server``.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
 from dataclasses import dataclass
 
-from gateway.errors import PayloadTooLarge, RequestTimeout
+from gateway.errors import PayloadTooLarge
 from gateway.types import Receive, Scope
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
@@ -44,19 +43,15 @@ def new_request_id() -> bytes:
     return uuid.uuid4().hex.encode()
 
 
-async def read_body(
-    receive: Receive, content_length: int | None, limit: int, timeout: float
-) -> bytes | None:
-    """The whole request body, refused early when it cannot fit; None if the client left."""
+async def read_body(receive: Receive, content_length: int | None, limit: int) -> bytes | None:
+    """The whole request body, refused early when it cannot fit; None if the client left.
+
+    A client too slow to send it is timed out by the server protocol (``gateway.server``),
+    which answers 408 and closes the connection: this then sees the disconnect.
+    """
     if content_length is not None and content_length > limit:
         raise PayloadTooLarge(_too_large(limit))
-    try:
-        async with asyncio.timeout(timeout):
-            return await _receive_all(receive, limit)
-    except TimeoutError:
-        raise RequestTimeout(
-            f"The request body did not arrive within {timeout:g} seconds."
-        ) from None
+    return await _receive_all(receive, limit)
 
 
 async def _receive_all(receive: Receive, limit: int) -> bytes | None:

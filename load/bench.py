@@ -1,35 +1,44 @@
-"""Benchmark the gateway against the fake vLLM: direct versus through the gateway, side by side.
+"""The gateway next to its peers, every scenario, one run: load/results/<date>.md and a PNG plot.
 
-    .venv/bin/python load/bench.py [--seconds 5] [--out load/results]
+    .venv/bin/python load/bench.py [--seconds 5] [--repeats 3] [--only vllm-gateway,nginx]
+    .venv/bin/python load/bench.py --install-peers      # vllm-router and LiteLLM, once
 
-The fake upstream and this load client share CPU 0; the gateway has CPU 1 to itself (taskset),
-so the gateway's own cost is what the difference shows. Results go to
-load/results/<date>.md. Peers (nginx, vllm-router, LiteLLM) are not part of this run yet.
+The fake vLLM upstream and this load client share CPU 0; each target (direct, vllm-gateway,
+nginx, vllm-router, LiteLLM) gets CPU 1 alone, one worker, one at a time. Every scenario is run
+``--repeats`` times; the report gives the median and the spread (min-max). A last run puts two
+gateway processes on both cores to show how throughput scales past one core.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
 import platform
-import subprocess
+import resource
+import statistics
 import sys
-import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
-import yaml
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import run
+from peers import (
+    ROOT,
+    Target,
+    install_peers,
+    start_fake,
+    start_gateway,
+    start_litellm,
+    start_nginx,
+    start_vllm_router,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+FAKE_PORT, TARGET_PORT = 19301, 19310
 
 
 @dataclass(frozen=True)
@@ -42,59 +51,112 @@ class Scenario:
 
 def scenarios() -> list[Scenario]:
     chat = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
-    big_input = ["x" * 1000] * 64  # ~64 KB of JSON
+    slow = {**chat, "stream": True, "fake": {"chunks": 16, "gap_ms": 5}}
     return [
-        Scenario("chat, non-stream, c=1", 1, chat),
-        Scenario("chat, non-stream, c=16", 16, chat),
-        Scenario("chat, non-stream, c=64", 64, chat),
-        Scenario("stream, 64 chunks, c=16", 16, {**chat, "stream": True, "fake": {"chunks": 64}}),
+        Scenario("chat c=1", 1, chat),
+        Scenario("chat c=16", 16, chat),
+        Scenario("chat c=64", 64, chat),
+        Scenario("stream 64 chunks c=16", 16, {**chat, "stream": True, "fake": {"chunks": 64}}),
+        Scenario("stream 5 ms gaps c=64", 64, slow),
+        Scenario("stream 5 ms gaps c=1000", 1000, slow),
         Scenario(
-            "stream, 16 chunks 5 ms apart, c=64",
-            64,
-            {**chat, "stream": True, "fake": {"chunks": 16, "gap_ms": 5}},
-        ),
-        Scenario(
-            "embeddings, 64 KB body, c=16",
+            "embeddings 64 KB c=16",
             16,
-            {"model": "fake", "input": big_input},
+            {"model": "fake", "input": ["x" * 1000] * 64},
             "/v1/embeddings",
         ),
     ]
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def rss_mb(pids: list[int]) -> float:
+    """RSS of the target's processes and their children (LiteLLM and nginx fork workers)."""
+    seen, todo, total = set(), list(pids), 0.0
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        todo += children.get(pid, [])
         try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
             pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
+    return total
 
 
-def pinned(cpu: int, cmd: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *cmd] if os.cpu_count() and os.cpu_count() > 1 else cmd
+def measure(target: Target, scenario: Scenario, seconds: float, ports: int = 1) -> dict[str, Any]:
+    body = json.dumps(scenario.body).encode()
+    pids = target.pids
+    before = cpu_seconds(pids) if target.name != "direct" else 0.0
+
+    async def load() -> Any:
+        share = max(1, scenario.concurrency // ports)
+        runs = [
+            run(
+                f"http://127.0.0.1:{target.port + i}{scenario.path}",
+                body,
+                share,
+                seconds,
+                headers=target.headers,
+            )
+            for i in range(ports)
+        ]
+        results = await asyncio.gather(*runs)
+        merged = results[0]
+        for extra in results[1:]:
+            merged.latencies += extra.latencies
+            merged.ttfb += extra.ttfb
+            merged.events += extra.events
+            merged.errors += extra.errors
+        return merged
+
+    result = asyncio.run(load())
+    row = result.summary()
+    if target.name != "direct":
+        cpu = cpu_seconds(pids) - before
+        row["cpu_us_per_request"] = cpu / max(1, row["requests"]) * 1e6
+        row["cpu_us_per_event"] = cpu / result.events * 1e6 if result.events else None
+        row["rss_mb"] = rss_mb(pids)
+    return row
+
+
+STARTERS: dict[str, Callable[[int, str], Target | str]] = {
+    "vllm-gateway": start_gateway,
+    "nginx": start_nginx,
+    "vllm-router": start_vllm_router,
+    "LiteLLM": start_litellm,
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", help="comma-separated target names")
     parser.add_argument("--out", default=str(ROOT / "load" / "results"))
+    parser.add_argument("--install-peers", action="store_true")
     args = parser.parse_args()
+    if args.install_peers:
+        install_peers()
+        return
     try:
         import uvloop
 
@@ -103,124 +165,58 @@ def main() -> None:
         pass
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {0})
-
-    fake_port, gw_port = 19301, 19302
-    fake = subprocess.Popen(
-        pinned(
-            0,
-            [
-                sys.executable,
-                str(ROOT / "load" / "fake_vllm.py"),
-                "--port",
-                str(fake_port),
-                "--served-model-name",
-                "fake",
-            ],
-        ),
-        stdout=subprocess.DEVNULL,
-    )
-    config = {
-        "models": [{"name": "fake", "url": f"http://127.0.0.1:{fake_port}"}],
-        "log_level": "warning",
-    }
-    config_file = Path(tempfile.mkdtemp()) / "bench.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    gateway = subprocess.Popen(
-        pinned(
-            1,
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "serve",
-                "--config",
-                str(config_file),
-                "--port",
-                str(gw_port),
-            ],
-        ),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    rows = []
+    # 1,000 streams need 2,000 sockets in the target; children inherit this limit.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    wanted = set(args.only.split(",")) if args.only else None
+    raw = Path(args.out) / "raw.json"  # after each target, so a crash loses nothing run
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    fake = start_fake(FAKE_PORT)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    skipped: dict[str, str] = {}
+    idle: dict[str, float] = {}
     try:
-        wait_http(f"http://127.0.0.1:{fake_port}/health")
-        wait_http(f"http://127.0.0.1:{gw_port}/health")
-        idle_rss = rss_mb(gateway.pid)
-        for scenario in scenarios():
-            body = json.dumps(scenario.body).encode()
-            direct = asyncio.run(
-                run(
-                    f"http://127.0.0.1:{fake_port}{scenario.path}",
-                    body,
-                    scenario.concurrency,
-                    args.seconds,
-                )
-            ).summary()
-            cpu_before = cpu_seconds(gateway.pid)
-            result = asyncio.run(
-                run(
-                    f"http://127.0.0.1:{gw_port}{scenario.path}",
-                    body,
-                    scenario.concurrency,
-                    args.seconds,
-                    warmup=0,
-                )
-            )
-            cpu = cpu_seconds(gateway.pid) - cpu_before
-            via = result.summary()
-            via["cpu_us_per_request"] = cpu / max(1, via["requests"]) * 1e6
-            via["cpu_us_per_event"] = (cpu / result.events * 1e6) if result.events else None
-            via["rss_mb"] = rss_mb(gateway.pid)
-            rows.append((scenario, direct, via))
-            print(
-                f"{scenario.name}: direct {direct['rps']:.0f} rps p50 {direct['p50_ms']:.2f} ms"
-                f" | gateway {via['rps']:.0f} rps p50 {via['p50_ms']:.2f} ms"
-                f" p99 {via['p99_ms']:.2f} ms, {via['cpu_us_per_request']:.0f} us CPU/request",
-                flush=True,
-            )
+        for name, starter in [("direct", None), *STARTERS.items()]:
+            if wanted and name not in wanted and name != "direct":
+                continue
+            try:
+                target = fake if starter is None else starter(TARGET_PORT, fake.url)
+            except (TimeoutError, OSError) as exc:
+                target = f"did not start ({exc!r})"
+            if isinstance(target, str):
+                skipped[name] = target
+                continue
+            try:
+                if name != "direct":
+                    idle[name] = rss_mb(target.pids)
+                results[name] = run_all(target, args.seconds, args.repeats)
+            finally:
+                if target is not fake:
+                    target.stop()
+            raw.write_text(json.dumps({"results": results, "idle": idle, "skipped": skipped}))
+        if not wanted or "vllm-gateway" in wanted:
+            pair = start_gateway(TARGET_PORT, fake.url, workers=2)
+            try:
+                chat64 = scenarios()[2]
+                results[pair.name] = {chat64.name: [measure(pair, chat64, args.seconds, ports=2)]}
+            finally:
+                pair.stop()
     finally:
-        for proc in (gateway, fake):
-            proc.terminate()
-            proc.wait(10)
-    write_report(Path(args.out), rows, idle_rss, args.seconds)
+        fake.stop()
+    from report import write_report  # matplotlib is imported only here
+
+    write_report(Path(args.out), results, skipped, idle, args, platform.python_version())
 
 
-def write_report(out: Path, rows: list, idle_rss: float, seconds: float) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    today = datetime.date.today().isoformat()
-    lines = [
-        f"# Gateway overhead, {today}",
-        "",
-        f"`load/bench.py --seconds {seconds:g}`: fake vLLM upstream and load client on CPU 0, the "
-        f"gateway alone on CPU 1 (taskset), one gateway worker, {platform.python_version()}, "
-        f"{os.cpu_count()} cores. Closed loop, {seconds:g} s per run after a 1 s warm-up "
-        "(direct only). Latencies in ms.",
-        "",
-        "| scenario | direct rps | direct p50 / p99 | gateway rps | gateway p50 / p99 | added p50 "
-        "| TTFB p50 direct / gateway | gateway CPU µs/request | CPU µs per SSE event | errors "
-        "| RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for scenario, d, g in rows:
-        per_event = f"{g['cpu_us_per_event']:.1f}" if g["cpu_us_per_event"] else "-"
-        lines.append(
-            f"| {scenario.name} | {d['rps']:.0f} | {d['p50_ms']:.2f} / {d['p99_ms']:.2f} "
-            f"| {g['rps']:.0f} | {g['p50_ms']:.2f} / {g['p99_ms']:.2f} "
-            f"| {g['p50_ms'] - d['p50_ms']:+.2f} | {d['ttfb_p50_ms']:.2f} / {g['ttfb_p50_ms']:.2f} "
-            f"| {g['cpu_us_per_request']:.0f} | {per_event} | {g['errors'] + d['errors']} "
-            f"| {g['rss_mb']:.0f} |"
-        )
-    lines += [
-        "",
-        f"Idle gateway RSS: {idle_rss:.0f} MB. CPU per SSE event is the gateway's CPU time over "
-        "the events relayed, so it includes each request's own cost spread over its events.",
-        "",
-    ]
-    path = out / f"{today}.md"
-    path.write_text("\n".join(lines))
-    print(f"wrote {path}")
+def run_all(target: Target, seconds: float, repeats: int) -> dict[str, list[dict[str, Any]]]:
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for scenario in scenarios():
+        for _ in range(repeats):
+            row = measure(target, scenario, seconds)
+            rows.setdefault(scenario.name, []).append(row)
+        med = statistics.median(r["rps"] for r in rows[scenario.name])
+        print(f"{target.name:>14} | {scenario.name:<24} | {med:8.0f} rps", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -135,9 +135,16 @@ async def run(
     result = Result()
     start = time.perf_counter()
     deadline = start + seconds
-    await asyncio.gather(
-        *(worker(host, port, request, deadline, result) for _ in range(concurrency))
-    )
+    workers = [
+        asyncio.ensure_future(worker(host, port, request, deadline, result))
+        for _ in range(concurrency)
+    ]
+    # A target that stops answering must not hang the run: past a grace period, what is
+    # still waiting counts as an error.
+    _, stuck = await asyncio.wait(workers, timeout=seconds + max(10.0, seconds))
+    for task in stuck:
+        task.cancel()
+    result.errors += len(stuck)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -35,7 +35,8 @@ def one_request(url: str, stream: bool) -> str:
     body = {
         "model": "sc",
         "messages": [{"role": "user", "content": "count"}],
-        "max_tokens": 16,
+        "max_tokens": 160 if stream else 16,  # long streams, so the kill cuts some mid-way
+        "ignore_eos": True,
         "stream": stream,
     }
     try:
