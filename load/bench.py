@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import platform
@@ -68,17 +69,8 @@ def scenarios() -> list[Scenario]:
     ]
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return total
-
-
-def rss_mb(pids: list[int]) -> float:
-    """RSS of the target's processes and their children (LiteLLM and nginx fork workers)."""
-    seen, todo, total = set(), list(pids), 0.0
+def family(pids: list[int]) -> list[int]:
+    """The target's processes and their descendants (nginx and LiteLLM fork workers)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -87,12 +79,30 @@ def rss_mb(pids: list[int]) -> float:
             except OSError:
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
+    seen: list[int] = []
+    todo = list(pids)
     while todo:
         pid = todo.pop()
-        if pid in seen:
+        if pid not in seen:
+            seen.append(pid)
+            todo += children.get(pid, [])
+    return seen
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in family(pids):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
             continue
-        seen.add(pid)
-        todo += children.get(pid, [])
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0.0
+    for pid in family(pids):
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -169,7 +179,8 @@ def main() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     wanted = set(args.only.split(",")) if args.only else None
-    raw = Path(args.out) / "raw.json"  # after each target, so a crash loses nothing run
+    # Raw rows, written after each target, so a crash loses nothing that ran.
+    raw = Path(args.out) / f"{datetime.date.today().isoformat()}.json"
     raw.parent.mkdir(parents=True, exist_ok=True)
     fake = start_fake(FAKE_PORT)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}

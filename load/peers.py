@@ -115,6 +115,7 @@ error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
+  keepalive_requests 1000000;  # else nginx closes each client connection after 1,000
   client_body_temp_path {dir}/body;
   proxy_temp_path {dir}/proxy;
   client_max_body_size 32m;
@@ -142,10 +143,7 @@ def start_nginx(port: int, upstream: str) -> Target | str:
     hostport = upstream.removeprefix("http://")
     conf.write_text(NGINX_CONF.format(dir=work, upstream=hostport, port=port))
     cmd = [nginx, "-c", str(conf), "-p", str(work), "-g", "daemon off;"]
-    proc = subprocess.Popen(pinned(1, cmd), stderr=subprocess.DEVNULL)
-    target = Target("nginx", port, [proc])
-    wait_http(target.url + "/health")
-    return target
+    return _launch("nginx", port, cmd, "/health")
 
 
 def start_vllm_router(port: int, upstream: str) -> Target | str:
@@ -154,10 +152,7 @@ def start_vllm_router(port: int, upstream: str) -> Target | str:
         return "vllm-router is not installed (load/bench.py --install-peers)"
     cmd = [str(binary), "--worker-urls", upstream, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--policy", "round_robin"]
-    proc = subprocess.Popen(pinned(1, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = Target("vllm-router", port, [proc])
-    wait_http(target.url + "/health")
-    return target
+    return _launch("vllm-router", port, cmd, "/health")
 
 
 def start_litellm(port: int, upstream: str) -> Target | str:
@@ -183,11 +178,25 @@ def start_litellm(port: int, upstream: str) -> Target | str:
     cmd = [str(binary), "--config", str(path), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--num_workers", "1"]
     env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+    headers = {"Authorization": f"Bearer {BENCH_KEY}"}
+    return _launch("LiteLLM", port, cmd, "/health/liveliness", headers, env, timeout=120)
+
+
+def _launch(
+    name: str,
+    port: int,
+    cmd: list[str],
+    health: str,
+    headers: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> Target:
+    """A peer on CPU 1, quiet, and the wait until it answers."""
     proc = subprocess.Popen(
         pinned(1, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
-    target = Target("LiteLLM", port, [proc], {"Authorization": f"Bearer {BENCH_KEY}"})
-    wait_http(target.url + "/health/liveliness", timeout=120)
+    target = Target(name, port, [proc], headers or {})
+    wait_http(target.url + health, timeout=timeout)
     return target
 
 

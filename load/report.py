@@ -96,7 +96,7 @@ def targets(results: Rows, idle: dict[str, float]) -> list[str]:
     rps64 = med(gw["chat c=64"], "rps")
     p99 = med(gw["chat c=64"], "p99_ms")
     out.append(line(p99 <= 15, f"c=64 p99 {p99:.1f} ms (target <= 15)"))
-    for peer, factor, goal in (("nginx", 0.25, "of nginx's"), ("LiteLLM", 30, "x LiteLLM's")):
+    for peer, factor, goal in (("nginx", 0.25, "of nginx's"), ("LiteLLM", 30, "LiteLLM's")):
         if peer in results:
             ratio = rps64 / med(results[peer]["chat c=64"], "rps")
             shown = f"{ratio:.0%}" if factor < 1 else f"{ratio:.1f}x"
