@@ -21,7 +21,8 @@ def queried_metrics() -> set[str]:
 
 def test_every_metric_the_dashboard_queries_is_exported(fake: FakeBackend) -> None:
     with running_gateway([{"name": fake.name, "url": fake.url}]) as gateway:
-        request = {"model": fake.name, "messages": [], "stream": True}
+        usage = {"stream_options": {"include_usage": True}}  # so that tokens are counted
+        request = {"model": fake.name, "messages": [], "stream": True, **usage}
         httpx.post(f"{gateway.url}/v1/chat/completions", json=request)
         text = httpx.get(f"{gateway.url}/metrics").text
     exported = {
