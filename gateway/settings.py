@@ -42,7 +42,7 @@ class Timeouts(_Strict):
     first_byte: float = Field(900.0, gt=0)
     idle: float = Field(300.0, gt=0, description="longest gap between two chunks of a stream")
     client: float = Field(
-        60.0, gt=0, description="time a client has to send its request head, and its body"
+        60.0, gt=0, description="time a client has to send its whole request, head and body"
     )
 
 

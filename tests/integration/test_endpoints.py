@@ -68,16 +68,35 @@ def stream_events(url: str, body: dict[str, Any], headers: dict[str, str]) -> li
     return [e if e == "[DONE]" else scrub(json.loads(e)) for e in events]
 
 
+def merged(events: list[Any]) -> dict[str, Any]:
+    """A stream's meaning: its text per field, finish reasons, usage, the event shapes.
+
+    vLLM itself merges several tokens into one event when its consumer lags (seen under a
+    loaded CPU), so event boundaries differ between two runs of the same request; byte-exact
+    relaying is proven against the fake (tests/gateway/test_relay.py).
+    """
+    text: dict[str, str] = {}
+    finish, usage, shapes = [], None, set()
+    for event in events[:-1]:
+        shapes.add(tuple(sorted(event)))
+        for choice in event.get("choices", []):
+            for field, value in (choice.get("delta") or {}).items():
+                if isinstance(value, str):
+                    text[field] = text.get(field, "") + value
+            if choice.get("finish_reason"):
+                finish.append(choice["finish_reason"])
+        usage = event.get("usage") or usage
+    return {"text": text, "finish": finish, "usage": usage, "shapes": shapes, "end": events[-1]}
+
+
 @pytest.mark.parametrize("model", ["tiny-chat", "tiny-reasoner"])
-def test_stream_matches_direct_event_by_event(
-    gateway: GatewayProcess, vllm: dict[str, str], model: str
-) -> None:
+def test_stream_matches_direct(gateway: GatewayProcess, vllm: dict[str, str], model: str) -> None:
     body = {**CHAT, "model": model, "stream": True, "stream_options": {"include_usage": True}}
     via = stream_events(
         f"{gateway.url}/v1/chat/completions", body, {"Authorization": f"Bearer {KEY}"}
     )
     direct = stream_events(f"{vllm[model]}/v1/chat/completions", body, {})
-    assert via == direct
+    assert merged(via) == merged(direct)
     assert via[-1] == "[DONE]" and via[-2]["usage"]["completion_tokens"] == 12
 
 
@@ -94,7 +113,7 @@ def test_stream_without_usage_is_exactly_vllms_and_counts_no_tokens(
     before = tokens_counted(gateway)
     via = stream_events(f"{gateway.url}/v1/chat/completions", body, headers)
     direct = stream_events(f"{vllm['tiny-chat']}/v1/chat/completions", body, {})
-    assert via == direct
+    assert merged(via) == merged(direct)  # system_fingerprint included: not asked for usage
     assert tokens_counted(gateway) == before
     with_usage = {**body, "stream_options": {"include_usage": True}}
     stream_events(f"{gateway.url}/v1/chat/completions", with_usage, headers)
