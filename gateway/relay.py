@@ -120,7 +120,7 @@ class Relay:
         model, doc = model_from_json(body, head.content_type)
         route = self.table.resolve(model, allowed)
         record.model = route.pool.name
-        with_usage = ask_for_usage(path, doc) if self.limits.usage_for_all_streams else None
+        with_usage = ask_for_usage(path, doc) if limits.usage_for_all_streams else None
         if with_usage is not None or route.via_alias:
             # Re-encoded only when it must change: an alias becomes the canonical name (the
             # backend knows no other), or the stream is asked to report its token usage.
