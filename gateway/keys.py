@@ -85,12 +85,13 @@ class KeyRing:
         """Re-read the keys file; on a bad file keep the keys in force and say why."""
         if self._path is None:
             return False
+        stamp = _stamp(self._path)  # taken first: an edit made while reading is seen next time
         try:
             keys = self._read_file(self._path)
         except ConfigError as exc:
             log.error("keys file not reloaded, previous keys stay: %s", exc)
             return False
-        self._keys = self._static + keys
+        self._keys, self._stamp = self._static + keys, stamp
         log.info("keys file reloaded: %d keys (%s)", len(self._keys), ", ".join(self.names))
         return True
 
