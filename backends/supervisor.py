@@ -201,22 +201,3 @@ class Supervisor:
                     elapsed = time.monotonic() - backend.process.started_at
                     last = (backend.process.tail(1) or [""])[0][:160]
                     log.info("%s: %s for %.0fs | %s", backend.spec.label, state, elapsed, last)
-
-    def snapshot(self) -> list[dict[str, object]]:
-        """Each backend's state, for status pages and logs."""
-        now = time.monotonic()
-        return [
-            {
-                "name": b.spec.label,
-                "state": str(b.replica.state),
-                "url": b.replica.url,
-                "gpus": list(b.spec.gpus),
-                "pid": b.process.pid,
-                "restarts": b.replica.restarts,
-                "uptime_s": round(now - b.replica.ready_since, 1)
-                if b.replica.ready_since
-                else None,
-                "log": str(b.process.log_path),
-            }
-            for b in self.backends.values()
-        ]

@@ -33,7 +33,7 @@ from gateway.limits import KeyLimiter
 from gateway.peek import model_from_json, model_from_multipart
 from gateway.request import RequestHead, path_and_query, read_body, read_head
 from gateway.routing import MULTIPART_PATHS, RouteTable
-from gateway.telemetry import UNROUTED, RequestRecord, Telemetry
+from gateway.telemetry import RequestRecord, Telemetry
 from gateway.types import Receive, Scope, Send
 from gateway.upstream import UpstreamClients, downstream_headers, translate, upstream_headers
 from gateway.usage import TAIL_BYTES, UsageStripper, ask_for_usage, find_usage
@@ -291,5 +291,3 @@ def _pick(pool: ReplicaPool, tried: list[Replica], affinity: str | None) -> Repl
         )
     raise BackendUnavailable(f"No backend of model {pool.name!r} is available.", retry_after=30)
 
-
-__all__ = ["UNROUTED", "Relay", "RelayLimits"]
