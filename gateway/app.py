@@ -39,32 +39,7 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
     """Build the gateway. Spawn-mode models are started by ``supervisor`` during the lifespan."""
     if supervisor is None:
         supervisor = Supervisor(backend_specs(settings), log_dir=settings.log_dir)
-    pools = []
-    checked: list[tuple[str, Replica, HealthPolicy]] = []
-    for model in settings.models:
-        health = model.health
-        ejection = Ejection(after=health.eject_after, seconds=health.eject_seconds)
-        if model.vllm is None:
-            key = model.api_key.get_secret_value() if model.api_key else None
-            replicas = [Replica(url=url, api_key=key) for url in model.endpoints]
-            policy = HealthPolicy(
-                health.interval,
-                health.timeout,
-                health.unhealthy_threshold,
-                health.healthy_threshold,
-            )
-            checked += [(model.name, replica, policy) for replica in replicas]
-        else:
-            replicas = supervisor.replicas(model.name)
-        for replica in replicas:
-            replica.ejection = ejection
-        pool = ReplicaPool(
-            model.name,
-            replicas,
-            policy=model.balance,
-            affinity_header=model.affinity_header.lower().encode("latin-1"),
-        )
-        pools.append((pool, model.aliases))
+    pools, checked = _pools(settings, supervisor)
     health_checker = HealthChecker(checked)
     scraper = LoadScraper(
         [r for pool, _ in pools if pool.policy == "vllm_metrics" for r in pool.replicas]
@@ -123,6 +98,39 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             allow_credentials=settings.cors.allow_credentials,
         )
     return app
+
+
+def _pools(
+    settings: GatewaySettings, supervisor: Supervisor
+) -> tuple[list[tuple[ReplicaPool, list[str]]], list[tuple[str, Replica, HealthPolicy]]]:
+    """Each model's replica pool (with its aliases), and the replicas the gateway health-checks
+    itself: those it connects to; the supervisor watches the ones it spawns."""
+    pools = []
+    checked: list[tuple[str, Replica, HealthPolicy]] = []
+    for model in settings.models:
+        health = model.health
+        if model.vllm is None:
+            key = model.api_key.get_secret_value() if model.api_key else None
+            replicas = [Replica(url=url, api_key=key) for url in model.endpoints]
+            policy = HealthPolicy(
+                health.interval,
+                health.timeout,
+                health.unhealthy_threshold,
+                health.healthy_threshold,
+            )
+            checked += [(model.name, replica, policy) for replica in replicas]
+        else:
+            replicas = supervisor.replicas(model.name)
+        for replica in replicas:
+            replica.ejection = Ejection(after=health.eject_after, seconds=health.eject_seconds)
+        pool = ReplicaPool(
+            model.name,
+            replicas,
+            policy=model.balance,
+            affinity_header=model.affinity_header.lower().encode("latin-1"),
+        )
+        pools.append((pool, model.aliases))
+    return pools, checked
 
 
 # Served without a key: /status is a page that holds no data until it has read /status.json.
