@@ -21,6 +21,7 @@ from backends.health import HealthChecker, HealthPolicy
 from backends.load import LoadScraper
 from backends.pool import Ejection, Replica, ReplicaPool
 from backends.supervisor import Supervisor
+from gateway.access_log import AccessLog
 from gateway.auth import OPEN_PATHS, APIKeyMiddleware
 from gateway.catalog import ModelCatalog
 from gateway.control import ControlParts, control_api
@@ -47,7 +48,7 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
     table = RouteTable(pools)
     keys = key_ring(settings)
     clients = UpstreamClients(connect_timeout=settings.timeouts.connect)
-    telemetry = Telemetry(table.pools)
+    telemetry = Telemetry(table.pools, access_log(settings))
     relay = Relay(
         table,
         clients,
@@ -81,6 +82,7 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             await health_checker.stop()
             await supervisor.stop()
             await clients.aclose()
+            telemetry.close()
 
     api = control_api(
         ControlParts(ModelCatalog(table, clients), telemetry, status, clients), lifespan
@@ -131,6 +133,13 @@ def _pools(
         )
         pools.append((pool, model.aliases))
     return pools, checked
+
+
+def access_log(settings: GatewaySettings) -> AccessLog | None:
+    """One line per request when `access_log` is on and the log level shows info lines."""
+    if settings.access_log and settings.log_level in ("info", "debug"):
+        return AccessLog(settings.log_format)
+    return None
 
 
 # Served without a key: /status is a page that holds no data until it has read /status.json.

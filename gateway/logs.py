@@ -1,7 +1,6 @@
 """Logging set-up: plain text for a terminal (the default), one JSON object per line for machines.
 
-Access lines carry their fields in ``record.request`` (see ``gateway.telemetry``); the JSON
-format writes them as top-level keys, the text format as ``name=value`` pairs.
+The access log (``gateway.access_log``) writes lines of the same two shapes, without logging.
 """
 
 from __future__ import annotations
@@ -16,19 +15,6 @@ LogFormat = Literal["text", "json"]
 _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__(_TEXT)
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        line = super().formatMessage(record)
-        fields: dict[str, Any] | None = getattr(record, "request", None)
-        if fields:
-            pairs = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-            line = f"{line} | {pairs}"
-        return line
-
-
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -36,12 +22,8 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "message": record.getMessage(),
         }
-        fields: dict[str, Any] | None = getattr(record, "request", None)
-        if fields:
-            entry.update(fields)
-        else:
-            entry["message"] = record.getMessage()
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -51,7 +33,7 @@ def configure_logging(level: str, fmt: LogFormat) -> None:
     """Root logger and uvicorn's error log in one format; uvicorn's access log is replaced by
     the gateway's own, which knows the model, the key's name and the tokens."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

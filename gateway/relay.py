@@ -290,4 +290,3 @@ def _pick(pool: ReplicaPool, tried: list[Replica], affinity: str | None) -> Repl
             f"Model {pool.name!r} is loading; retry in a few seconds.", retry_after=10
         )
     raise BackendUnavailable(f"No backend of model {pool.name!r} is available.", retry_after=30)
-

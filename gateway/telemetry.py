@@ -6,16 +6,14 @@ the only per-request bookkeeping, and it never sees a body or a key, only the ke
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from backends.pool import ReplicaPool
+from gateway.access_log import AccessLog
 from gateway.metrics import GatewayMetrics
-
-access_log = logging.getLogger("vllm_gateway.access")
 
 UNROUTED = "-"  # the model label of a request refused before it named a configured model
 
@@ -67,10 +65,11 @@ class RecentWindow:
 
 
 class Telemetry:
-    def __init__(self, pools: Iterable[ReplicaPool]) -> None:
+    def __init__(self, pools: Iterable[ReplicaPool], access_log: AccessLog | None = None) -> None:
         pools = list(pools)
         self.metrics = GatewayMetrics(pools)
         self.windows = {pool.name: RecentWindow() for pool in pools}
+        self.access_log = access_log
 
     def finish(self, record: RequestRecord) -> None:
         duration = time.perf_counter() - record.started
@@ -87,36 +86,12 @@ class Telemetry:
         window = self.windows.get(record.model)
         if window is not None:
             window.add(duration, record.usage[1] if record.usage else 0)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "%s %s %s %d %.1fms",
-                record.endpoint,
-                record.model,
-                record.key,
-                record.status,
-                duration * 1000,
-                extra={"request": _fields(record, duration)},
-            )
+        if self.access_log is not None:
+            self.access_log.write(record, duration)
 
-
-def _fields(record: RequestRecord, duration: float) -> dict[str, object]:
-    """The access log line's structured fields: never a body, never a key."""
-    fields: dict[str, object] = {
-        "request_id": record.request_id,
-        "key": record.key,
-        "model": record.model,
-        "backend": record.backend,
-        "endpoint": record.endpoint,
-        "status": record.status,
-        "stream": record.stream,
-        "latency_ms": _ms(duration),
-        "ttfb_ms": _ms(record.ttfb) if record.ttfb is not None else None,
-    }
-    if record.usage is not None:
-        fields["prompt_tokens"], fields["completion_tokens"] = record.usage
-    if record.error is not None:
-        fields["error"] = record.error
-    return fields
+    def close(self) -> None:
+        if self.access_log is not None:
+            self.access_log.flush()
 
 
 def _ms(seconds: float) -> float:

@@ -39,3 +39,27 @@ def test_json_access_log_has_one_line_per_request(tmp_path: Path, fake: FakeBack
     assert (access["prompt_tokens"], access["completion_tokens"]) == (8, 8)
     assert "sk-secret-team-a" not in text and "PRIVATE-TEXT" not in text
     assert all(line.startswith("{") for line in text.splitlines() if line.strip())
+
+
+def test_text_access_line_and_switching_it_off(tmp_path: Path, fake: FakeBackend) -> None:
+    request = {"model": fake.name, "messages": [{"role": "user", "content": "hi"}]}
+    logged = GatewayProcess({"models": [{"name": fake.name, "url": fake.url}]}, tmp_path / "on")
+    silent = GatewayProcess(
+        {"models": [{"name": fake.name, "url": fake.url}], "access_log": False}, tmp_path / "off"
+    )
+    try:
+        for gateway in (logged, silent):
+            headers = {"X-Request-Id": f"req-{gateway.port}"}
+            response = httpx.post(
+                f"{gateway.url}/v1/chat/completions", json=request, headers=headers
+            )
+            assert response.status_code == 200
+        wait_until(lambda: f"req-{logged.port}" in logged.log.read_text(), 5, "the access line")
+    finally:
+        logged.close()
+        silent.close()  # a clean stop flushes whatever the access log still holds
+    (line,) = [ln for ln in logged.log.read_text().splitlines() if f"req-{logged.port}" in ln]
+    assert " INFO vllm_gateway.access: endpoint=/v1/chat/completions status=200 " in line
+    assert f"model={fake.name} key=- backend={fake.url} " in line
+    assert "prompt_tokens=8 completion_tokens=8" in line
+    assert "vllm_gateway.access" not in silent.log.read_text()

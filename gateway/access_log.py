@@ -1,0 +1,112 @@
+"""The access log: one line per relayed request, written in batches straight to the log stream.
+
+Through `logging`, a line cost about 40 µs (a LogRecord, the formatter, the handler's lock, one
+write per line): 13% of a relayed request's CPU at 64 concurrent requests. Here a line is one
+format call, and lines are written together every 0.1 s (sooner past 32 KB), so one write
+carries every request finished meanwhile. Lines look like `gateway.logs`'s, text or JSON, and
+go to the same stream (stderr); they may trail other log lines by up to 0.1 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import TYPE_CHECKING, TextIO
+
+import orjson
+
+from gateway.logs import LogFormat
+
+if TYPE_CHECKING:
+    from gateway.telemetry import RequestRecord
+
+LOGGER = "vllm_gateway.access"  # the `logger` field, as if it came through logging
+FLUSH_EVERY = 0.1  # seconds
+FLUSH_SIZE = 32 * 1024  # characters
+
+
+class AccessLog:
+    def __init__(self, fmt: LogFormat, stream: TextIO | None = None) -> None:
+        self._json = fmt == "json"
+        self._stream = stream  # None: whatever sys.stderr is when the lines are written
+        self._lines: list[str] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._clock = _SecondClock(utc=self._json)
+
+    def write(self, record: RequestRecord, duration: float) -> None:
+        fields = _fields(record, duration)
+        stamp = self._clock.stamp(time.time())
+        if self._json:
+            line = orjson.dumps({"time": stamp, "level": "info", "logger": LOGGER, **fields})
+            text = line.decode() + "\n"
+        else:
+            pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+            text = f"{stamp} INFO {LOGGER}: {pairs}\n"
+        self._lines.append(text)
+        self._size += len(text)
+        if self._size >= FLUSH_SIZE:
+            self.flush()
+        elif self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush)
+            except RuntimeError:  # no event loop: nothing would ever flush later
+                self.flush()
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines:
+            return
+        text = "".join(self._lines)
+        self._lines.clear()
+        self._size = 0
+        stream = self._stream or sys.stderr
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # the log stream is gone (closed stderr): lose lines, never a request
+
+
+def _fields(record: RequestRecord, duration: float) -> dict[str, object]:
+    """Never a body, never a key: only the key's name."""
+    fields: dict[str, object] = {
+        "endpoint": record.endpoint,
+        "status": record.status,
+        "latency_ms": round(duration * 1000, 2),
+        "model": record.model,
+        "key": record.key,
+        "backend": record.backend,
+        "request_id": record.request_id,
+        "stream": record.stream,
+    }
+    if record.ttfb is not None:
+        fields["ttfb_ms"] = round(record.ttfb * 1000, 2)
+    if record.usage is not None:
+        fields["prompt_tokens"], fields["completion_tokens"] = record.usage
+    if record.error is not None:
+        fields["error"] = record.error
+    return fields
+
+
+class _SecondClock:
+    """Timestamps as `gateway.logs` writes them, formatted once a second, not once a line."""
+
+    def __init__(self, utc: bool) -> None:
+        self._utc = utc
+        self._second = -1
+        self._prefix = ""
+
+    def stamp(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            if self._utc:
+                self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            else:
+                self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        millis = int((now - second) * 1000)
+        return f"{self._prefix}.{millis:03d}Z" if self._utc else f"{self._prefix},{millis:03d}"

@@ -1,0 +1,61 @@
+"""The access log batches lines: one write per flush, not one per request, and none lost."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+from gateway.access_log import FLUSH_EVERY, AccessLog
+from gateway.telemetry import RequestRecord
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def record(n: int) -> RequestRecord:
+    return RequestRecord(f"req-{n}", "/v1/embeddings", model="embed", status=200)
+
+
+def test_lines_written_together_on_the_next_flush() -> None:
+    stream = CountingStream()
+    log = AccessLog("json", stream)
+
+    async def burst() -> None:
+        for n in range(100):  # under one buffer (32 KB)
+            log.write(record(n), 0.001)
+        assert stream.writes == 0  # nothing yet: the lines wait for the timer
+        await asyncio.sleep(FLUSH_EVERY * 3)
+
+    asyncio.run(burst())
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["request_id"] for line in lines] == [f"req-{n}" for n in range(100)]
+    assert stream.writes == 1
+    assert lines[0]["logger"] == "vllm_gateway.access" and lines[0]["time"].endswith("Z")
+
+
+def test_a_full_buffer_is_written_at_once() -> None:
+    stream = CountingStream()
+    log = AccessLog("text", stream)
+
+    async def flood() -> None:
+        for n in range(2000):  # ~200 characters a line: several buffers' worth
+            log.write(record(n), 0.001)
+        assert 4 <= stream.writes < 20
+        log.flush()
+
+    asyncio.run(flood())
+    assert stream.getvalue().count("\n") == 2000
+
+
+def test_without_an_event_loop_each_line_is_written_at_once() -> None:
+    stream = CountingStream()
+    AccessLog("text", stream).write(record(1), 0.5)
+    assert "latency_ms=500.0" in stream.getvalue()
