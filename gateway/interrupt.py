@@ -1,15 +1,35 @@
 """What may interrupt a relay from outside: the client leaving, or a backend silent too long.
 
 uvicorn silently drops what is sent to a client that has gone, so nothing would ever stop a
-relay whose client left; a task watching `receive` for `http.disconnect` is what notices.
+relay whose client left. The gateway's server protocol (``gateway.server``) reports it through
+a scope extension; under any other ASGI server a task watching `receive` for
+`http.disconnect` does. Deadlines are checked by a periodic sweep (``gateway.sweeper``): a
+relay pays a clock read per chunk, and no timer.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
-from gateway.types import Message, Receive
+from gateway.sweeper import Sweeper
+from gateway.types import Message, Receive, Scope
+
+CLIENT_GONE = "vllm_gateway.client_gone"  # the scope["extensions"] key of a ClientGone
+
+
+class ClientGone:
+    """The server's half: it calls ``notify`` when the client leaves before the response ends."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self) -> None:
+        self.callback: Callable[[], None] | None = None
+
+    def notify(self) -> None:
+        if self.callback is not None:
+            self.callback()
 
 
 class Reason:
@@ -18,55 +38,70 @@ class Reason:
 
 
 class Interrupter:
-    """Cancels the relay task when the client disconnects or the backend stays silent.
+    """Cancels the relay task when the client disconnects or the backend stays silent."""
 
-    The timer is lazy: each chunk only records the time, and the timer, when it fires, re-arms
-    itself at the last chunk's deadline. A stream pays one clock read per chunk, not a timer.
-    """
-
-    def __init__(self, task: asyncio.Task[Any], receive: Receive) -> None:
+    def __init__(
+        self,
+        task: asyncio.Task[Any],
+        scope: Scope,
+        receive: Receive,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.reason: str | None = None
         self._task = task
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop
         self._limit = 0.0
         self._last = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._watcher: asyncio.Task[None] | None = self._loop.create_task(self._watch(receive))
+        self._watcher: asyncio.Task[None] | None = None
+        self._gone: ClientGone | None = scope.get("extensions", {}).get(CLIENT_GONE)
+        if self._gone is not None:
+            self._gone.callback = self._client_left
+        else:
+            self._watcher = loop.create_task(self._watch(receive))
 
     def arm(self, seconds: float) -> None:
+        """From now on, interrupt after ``seconds`` without a `touch`."""
+        if self._limit == 0.0:
+            _deadlines.add(self, self._loop)
         self._limit = seconds
         self._last = self._loop.time()
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(self._last + seconds, self._check)
 
     def touch(self) -> None:
         self._last = self._loop.time()
 
     def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        _deadlines.discard(self, self._loop)
+        self._limit = 0.0
+        if self._gone is not None:
+            self._gone.callback = None
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
 
-    def _check(self) -> None:
-        deadline = self._last + self._limit
-        if self._loop.time() >= deadline:
-            self._timer = None
+    def check(self, now: float) -> None:
+        if self._limit and now - self._last >= self._limit:
             self._interrupt(Reason.IDLE)
-        else:
-            self._timer = self._loop.call_at(deadline, self._check)
 
     async def _watch(self, receive: Receive) -> None:
         while True:
             message: Message = await receive()
             if message["type"] == "http.disconnect":
-                self._interrupt(Reason.CLIENT_GONE)
+                self._client_left()
                 return
+
+    def _client_left(self) -> None:
+        self._interrupt(Reason.CLIENT_GONE)
 
     def _interrupt(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
             self._task.cancel()
+
+
+_deadlines: Sweeper[Interrupter] = Sweeper(Interrupter.check)
+
+
+def check_often_enough(*limits: float) -> None:
+    """The relay's timeouts, so that the shortest fires at most a quarter late."""
+    for limit in limits:
+        _deadlines.at_most_every(limit)

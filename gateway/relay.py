@@ -27,7 +27,7 @@ from gateway.errors import (
     send_error,
     sse_error_event,
 )
-from gateway.interrupt import Interrupter, Reason
+from gateway.interrupt import Interrupter, Reason, check_often_enough
 from gateway.keys import SCOPE_KEY, ApiKey
 from gateway.limits import KeyLimiter
 from gateway.peek import model_from_json, model_from_multipart
@@ -73,6 +73,7 @@ class Relay:
         self.limits = limits
         self.telemetry = telemetry
         self.key_limiter = key_limiter or KeyLimiter()
+        check_often_enough(limits.first_byte_timeout, limits.idle_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         head = read_head(scope["headers"])
@@ -137,7 +138,8 @@ class Relay:
         head: RequestHead,
         record: RequestRecord,
     ) -> None:
-        guard = Interrupter(asyncio.current_task(), receive)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        guard = Interrupter(asyncio.current_task(loop), scope, receive, loop)  # type: ignore[arg-type]
         response: aiohttp.ClientResponse | None = None
         replica: Replica | None = None
         started = completed = False

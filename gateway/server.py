@@ -5,7 +5,8 @@ buffered) and waits for ever for a request that never completes. Both let one cl
 memory or connections without end, so the protocol here refuses a head over
 ``max_head_bytes`` with 431 and a request (head and body) not complete after ``read_timeout``
 seconds with 408 (a connection that never sent a byte is just closed). The body's size is
-bounded in ``gateway.request``.
+bounded in ``gateway.request``. It also tells the relay when a client leaves mid-request
+(``gateway.interrupt``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.errors import GatewayError, HeadersTooLarge, RequestTimeout, raw_response
+from gateway.interrupt import CLIENT_GONE, ClientGone
 from gateway.settings import GatewaySettings
+from gateway.sweeper import Sweeper
 from gateway.types import ASGIApp
 
 
@@ -31,10 +34,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = self._parsed_bytes = 0
         self._in_head = True
         self._refusal: GatewayError | None = None
-        # No timer per request: the time the request began is written down, and one sweep a
-        # second per event loop looks for requests that have been arriving for too long.
+        self._client_gone: ClientGone | None = None
         self.reading_since: float | None = self.loop.time()
-        _Sweeper.watch(self)
+        _reads.add(self, self.loop)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _reads.discard(self, self.loop)
+        super().connection_lost(exc)
+        gone, self._client_gone = self._client_gone, None
+        if gone is not None and self.cycle is not None and self.cycle.disconnected:
+            gone.notify()
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
@@ -60,6 +69,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        # Tells the relay when its client leaves, instead of a task per request that waits on
+        # `receive` for the disconnect.
+        self._client_gone = ClientGone()
+        extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+        extensions[CLIENT_GONE] = self._client_gone
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -84,6 +98,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             f"The request head is larger than this gateway's limit of {self.max_head_bytes} bytes."
         )
 
+    def check_reading(self, now: float) -> None:
+        if self.reading_since is not None and now - self.reading_since > self.read_timeout:
+            self.timed_out()
+
     def timed_out(self) -> None:
         """The request (head and body) has been arriving for longer than read_timeout."""
         self.reading_since = None
@@ -103,36 +121,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-class _Sweeper:
-    """Once a second, the connections whose request has been arriving for too long."""
-
-    _running: ClassVar[dict[asyncio.AbstractEventLoop, set[GuardedHttpToolsProtocol]]] = {}
-
-    @classmethod
-    def watch(cls, protocol: GuardedHttpToolsProtocol) -> None:
-        loop = protocol.loop
-        if loop not in cls._running:
-            cls._running[loop] = protocol.connections  # type: ignore[assignment]
-            loop.call_later(1.0, cls._sweep, loop, protocol.read_timeout)
-
-    @classmethod
-    def _sweep(cls, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        if loop.is_closed():
-            cls._running.pop(loop, None)
-            return
-        now = loop.time()
-        for protocol in list(cls._running[loop]):
-            since = getattr(protocol, "reading_since", None)
-            if since is not None and now - since > timeout:
-                protocol.timed_out()
-        loop.call_later(min(1.0, timeout / 4), cls._sweep, loop, timeout)
-
-
 class _Refused(Exception):
     pass
 
 
+# No timer per request: the time a request began is written down, and a sweep a few times a
+# second looks for requests that have been arriving for too long.
+_reads: Sweeper[GuardedHttpToolsProtocol] = Sweeper(GuardedHttpToolsProtocol.check_reading)
+
+
 def guarded_protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol]:
+    _reads.at_most_every(read_timeout)
     return type(
         "GuardedHttpToolsProtocol",
         (GuardedHttpToolsProtocol,),

@@ -83,12 +83,22 @@ class FakeBackend:
 class GatewayServer:
     """The gateway app under a real uvicorn, in a thread, on a free loopback port."""
 
-    def __init__(self, settings: GatewaySettings, **app_kwargs: Any) -> None:
+    def __init__(
+        self, settings: GatewaySettings, http: str | None = None, **app_kwargs: Any
+    ) -> None:
+        """``http``: another uvicorn protocol than the gateway's own, e.g. "h11"."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         app = create_app(settings, **app_kwargs)
+        options: dict[str, Any] = {"http": http} if http else {}
         config = uvicorn_config(
-            app, settings, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            app,
+            settings,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            **options,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.servers import FakeBackend, GatewayServer, gateway_settings, running_gateway, wait_until
+from tests.servers import FakeBackend, GatewayServer, gateway_settings, wait_until
 
 KEY = {"Authorization": "Bearer sk-client"}
 
@@ -77,14 +77,26 @@ def test_events_reach_the_client_while_the_backend_is_still_generating(
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_client_disconnect_aborts_the_backend_request(fake: FakeBackend, stream: bool) -> None:
-    """With timeouts far away, only the client's leaving can close the upstream request."""
-    models = [{"name": fake.name, "url": fake.url}]
-    with running_gateway(models, timeouts={"first_byte": 600, "idle": 600}) as gateway:
+@pytest.mark.parametrize("server", ["gateway's protocol", "uvicorn's h11"])
+def test_client_disconnect_aborts_the_backend_request(
+    fake: FakeBackend, stream: bool, server: str
+) -> None:
+    """With timeouts far away, only the client's leaving can close the upstream request.
+
+    The gateway's server protocol tells the relay itself; under another server the relay
+    watches `receive` for the disconnect.
+    """
+    settings = gateway_settings(
+        [{"name": fake.name, "url": fake.url}], timeouts={"first_byte": 600, "idle": 600}
+    )
+    gateway = GatewayServer(settings, http="h11" if server == "uvicorn's h11" else None)
+    try:
         request = chat(stream, hang_after=1) if stream else chat(hang=True)
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{gateway.url}/v1/chat/completions", json=request, timeout=1.0)
         wait_until(lambda: fake.stats()["aborted"] == 1, 3, "the backend to see the abort")
+    finally:
+        gateway.close()
 
 
 def test_backend_dying_mid_stream_ends_with_error_event_and_done(gateway: GatewayServer) -> None:
