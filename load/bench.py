@@ -4,9 +4,11 @@
     .venv/bin/python load/bench.py --install-peers      # vllm-router and LiteLLM, once
 
 The fake vLLM upstream and this load client share CPU 0; each target (direct, vllm-gateway,
-nginx, vllm-router, LiteLLM) gets CPU 1 alone, one worker, one at a time. Every scenario is run
-``--repeats`` times; the report gives the median and the spread (min-max). A last run puts two
-gateway processes on both cores to show how throughput scales past one core.
+nginx, vllm-router, LiteLLM) gets CPU 1, one worker, and is measured alone. All targets run
+side by side and take turns, scenario by scenario, ``--repeats`` times over: a machine whose
+speed drifts during the run (this VM's did, by up to 2x within minutes) then biases none of
+them. The report gives the median and the spread (min-max). A last run puts two gateway
+processes on both cores to show how throughput scales past one core.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -179,55 +180,53 @@ def main() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     wanted = set(args.only.split(",")) if args.only else None
-    # Raw rows, written after each target, so a crash loses nothing that ran.
+    # Raw rows, written after each round, so a crash loses nothing that ran.
     raw = Path(args.out) / f"{datetime.date.today().isoformat()}.json"
     raw.parent.mkdir(parents=True, exist_ok=True)
     fake = start_fake(FAKE_PORT)
+    running: list[Target] = [Target("direct", FAKE_PORT)]  # the fake itself, no gateway
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     skipped: dict[str, str] = {}
     idle: dict[str, float] = {}
     try:
-        for name, starter in [("direct", None), *STARTERS.items()]:
-            if wanted and name not in wanted and name != "direct":
+        for offset, (name, starter) in enumerate(STARTERS.items()):
+            if wanted and name not in wanted:
                 continue
             try:
-                target = fake if starter is None else starter(TARGET_PORT, fake.url)
+                target = starter(TARGET_PORT + 10 * offset, fake.url)
             except (TimeoutError, OSError) as exc:
                 target = f"did not start ({exc!r})"
             if isinstance(target, str):
                 skipped[name] = target
                 continue
-            try:
-                if name != "direct":
-                    idle[name] = rss_mb(target.pids)
-                results[name] = run_all(target, args.seconds, args.repeats)
-            finally:
-                if target is not fake:
-                    target.stop()
+            running.append(target)
+            idle[name] = rss_mb(target.pids)
+        for round_ in range(args.repeats):
+            for scenario in scenarios():
+                for target in running:
+                    row = measure(target, scenario, args.seconds)
+                    results.setdefault(target.name, {}).setdefault(scenario.name, []).append(row)
+                    print(
+                        f"{round_ + 1}/{args.repeats} {target.name:>14} | {scenario.name:<24}"
+                        f" | {row['rps']:8.0f} rps",
+                        flush=True,
+                    )
             raw.write_text(json.dumps({"results": results, "idle": idle, "skipped": skipped}))
+        for target in running[1:]:
+            target.stop()
+        del running[1:]
         if not wanted or "vllm-gateway" in wanted:
             pair = start_gateway(TARGET_PORT, fake.url, workers=2)
-            try:
-                chat64 = scenarios()[2]
-                results[pair.name] = {chat64.name: [measure(pair, chat64, args.seconds, ports=2)]}
-            finally:
-                pair.stop()
+            running.append(pair)
+            chat64 = scenarios()[2]
+            results[pair.name] = {chat64.name: [measure(pair, chat64, args.seconds, ports=2)]}
     finally:
+        for target in running[1:]:
+            target.stop()
         fake.stop()
     from report import write_report  # matplotlib is imported only here
 
     write_report(Path(args.out), results, skipped, idle, args, platform.python_version())
-
-
-def run_all(target: Target, seconds: float, repeats: int) -> dict[str, list[dict[str, Any]]]:
-    rows: dict[str, list[dict[str, Any]]] = {}
-    for scenario in scenarios():
-        for _ in range(repeats):
-            row = measure(target, scenario, seconds)
-            rows.setdefault(scenario.name, []).append(row)
-        med = statistics.median(r["rps"] for r in rows[scenario.name])
-        print(f"{target.name:>14} | {scenario.name:<24} | {med:8.0f} rps", flush=True)
-    return rows
 
 
 if __name__ == "__main__":
