@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp.payload import BytesPayload
 
 from backends.pool import Replica, ReplicaPool
 from gateway.errors import (
@@ -31,7 +32,7 @@ from gateway.interrupt import Interrupter, Reason, check_often_enough
 from gateway.keys import SCOPE_KEY, ApiKey
 from gateway.limits import KeyLimiter
 from gateway.peek import model_from_json, model_from_multipart
-from gateway.request import RequestHead, path_and_query, read_body, read_head
+from gateway.request import RequestHead, read_body, read_head
 from gateway.routing import MULTIPART_PATHS, RouteTable
 from gateway.telemetry import RequestRecord, Telemetry
 from gateway.types import Receive, Scope, Send
@@ -211,9 +212,8 @@ class Relay:
             session = self.clients.session(replica.url)
             replica.in_flight += 1
             try:
-                response = await session.post(
-                    replica.url + path_and_query(scope), data=job.body, headers=headers
-                )
+                url = self.clients.url(replica.url, scope["path"], scope["query_string"])
+                response = await session.post(url, data=BytesPayload(job.body), headers=headers)
             except BaseException as exc:
                 replica.in_flight -= 1
                 error = translate(exc, job.pool.name) if isinstance(exc, Exception) else None

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from gateway.errors import PayloadTooLarge
-from gateway.types import Receive, Scope
+from gateway.types import Receive
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -74,9 +74,3 @@ async def _receive_all(receive: Receive, limit: int) -> bytes | None:
 
 def _too_large(limit: int) -> str:
     return f"The request body is larger than this gateway's limit of {limit} bytes."
-
-
-def path_and_query(scope: Scope) -> str:
-    path: str = scope["path"]
-    query: bytes = scope.get("query_string", b"")
-    return f"{path}?{query.decode('latin-1')}" if query else path

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import yarl
 
 from gateway.errors import BackendUnavailable, BadGateway, GatewayError, GatewayTimeout
 
@@ -44,6 +45,16 @@ class UpstreamClients:
     def __init__(self, connect_timeout: float) -> None:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout)
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._urls: dict[tuple[str, str], yarl.URL] = {}
+
+    def url(self, base_url: str, path: str, query: bytes) -> yarl.URL:
+        """The backend's URL for a path, parsed once per backend and path, not per request."""
+        if query:
+            return yarl.URL(f"{base_url}{path}?{query.decode('latin-1')}")
+        url = self._urls.get((base_url, path))
+        if url is None:
+            url = self._urls[(base_url, path)] = yarl.URL(base_url + path)
+        return url
 
     def session(self, base_url: str) -> aiohttp.ClientSession:
         session = self._sessions.get(base_url)

@@ -8,7 +8,8 @@ made to show on demand. Never the only evidence that a feature works: the real-v
 It accepts `vllm serve`'s flags that the gateway passes (--model, --host, --api-key, ...), so
 the supervisor can spawn it in tests as it spawns vLLM. A request may carry a `fake` object to
 change one response: {"chunks": 3, "gap_ms": 50, "die_after": 2, "hang_after": 2, "hang": true,
-"status": 500, "echo_headers": true, "drop": true}.
+"status": 500, "echo_headers": true, "drop": true}; echo_headers answers with the headers and
+the URL (path and query) it received.
 `GET /fake/stats` reports requests started, completed and aborted (client went away).
 """
 
@@ -147,7 +148,8 @@ class FakeVllmProtocol(asyncio.Protocol):
             return self._write(int(fake["status"]), _error("fake failure", int(fake["status"])))
         if fake.get("echo_headers"):
             headers = {k.decode(): v.decode() for k, v in req.headers.items()}
-            return self._write(200, orjson.dumps({"headers": headers, "model": body["model"]}))
+            echo = {"headers": headers, "model": body["model"], "url": req.url.decode()}
+            return self._write(200, orjson.dumps(echo))
         opts.stats["started"] += 1
         try:
             if fake.get("hang"):

@@ -171,6 +171,14 @@ def test_client_key_is_never_forwarded_and_request_id_is(gateway: GatewayServer)
     assert response.headers["x-request-id"] == "req-123"
 
 
+def test_path_and_query_string_reach_the_backend(gateway: GatewayServer) -> None:
+    for query in ("", "?api-version=2024-10-21&x=%20y"):
+        response = httpx.post(
+            f"{gateway.url}/v1/chat/completions{query}", json=chat(echo_headers=True), headers=KEY
+        )
+        assert response.json()["url"] == f"/v1/chat/completions{query}"
+
+
 def test_malformed_request_ids_are_replaced(gateway: GatewayServer) -> None:
     response = httpx.post(
         f"{gateway.url}/v1/chat/completions",
