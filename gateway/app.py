@@ -151,7 +151,7 @@ OPENABLE = {"metrics": {"/metrics"}, "status": {"/status.json"}}
 def reload_on_sighup(keys: KeyRing) -> None:
     """`kill -HUP` re-reads the keys file. Only the main thread may install signal handlers."""
     if threading.current_thread() is threading.main_thread():
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keys.reload)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keys.reload_soon)
 
 
 class Dispatcher:

@@ -55,6 +55,20 @@ def test_keys_from_config_environment_and_file_are_all_active(tmp_path: Path) ->
     assert ring.identify(b"sk-nobody") is None
 
 
+def test_a_keys_file_of_thousands_of_hashed_keys(tmp_path: Path) -> None:
+    """Lookup is by digest: a large team's keys file costs no more per request than one key."""
+    keys_file = tmp_path / "keys.yaml"
+    entries = [
+        {"name": f"user-{n}", "sha256": hashlib.sha256(f"sk-user-{n}".encode()).hexdigest()}
+        for n in range(5_000)
+    ]
+    write_keys(keys_file, *entries)
+    ring = key_ring(settings_from_dict({"models": [CHAT], "keys_file": str(keys_file)}, env={}))
+    found = ring.identify(b"sk-user-1234")
+    assert found is not None and found.name == "user-1234"
+    assert ring.identify(b"sk-user-5000") is None
+
+
 def test_a_bad_keys_file_stops_start_up_with_each_problem_named(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.yaml"
     write_keys(
