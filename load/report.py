@@ -39,10 +39,12 @@ def write_report(
         f"# vllm-gateway and its peers, {today}",
         "",
         f"`load/bench.py --seconds {args.seconds:g} --repeats {args.repeats}`: the fake vLLM "
-        "upstream and the load client (raw asyncio sockets, uvloop) on CPU 0, each target alone "
-        f"on CPU 1 (taskset), one worker each. Python {python}, {os.cpu_count()} cores. Closed "
-        f"loop, {args.seconds:g} s per run after a 1 s warm-up. rps: median (min-max) over "
-        f"{args.repeats} runs; latencies in ms, medians.",
+        "upstream and the load client (raw asyncio sockets, uvloop) on CPU 0, every target on "
+        "CPU 1 (taskset), one worker each, measured one at a time; the targets take turns "
+        "scenario by scenario, so a drift in the machine's speed biases none of them. "
+        f"Python {python}, {os.cpu_count()} cores. Closed loop, {args.seconds:g} s per run after "
+        f"a 1 s warm-up. rps: median (min-max) over {args.repeats} runs; latencies in ms, "
+        "medians.",
         "",
     ]
     if skipped:
