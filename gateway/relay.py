@@ -213,7 +213,12 @@ class Relay:
             replica.in_flight += 1
             try:
                 url = self.clients.url(replica.url, scope["path"], scope["query_string"])
-                response = await session.post(url, data=BytesPayload(job.body), headers=headers)
+                response = await session.post(
+                    url,
+                    data=BytesPayload(job.body),
+                    headers=headers,
+                    allow_redirects=False,  # a redirect is the client's to follow
+                )
             except BaseException as exc:
                 replica.in_flight -= 1
                 error = translate(exc, job.pool.name) if isinstance(exc, Exception) else None

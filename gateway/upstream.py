@@ -66,6 +66,8 @@ class UpstreamClients:
                 timeout=self._timeout,
                 auto_decompress=False,  # relay bytes exactly as the backend sent them
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+                # A session shared by every client must not keep one client's cookies.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
             self._sessions[base_url] = session
         return session

@@ -8,8 +8,8 @@ made to show on demand. Never the only evidence that a feature works: the real-v
 It accepts `vllm serve`'s flags that the gateway passes (--model, --host, --api-key, ...), so
 the supervisor can spawn it in tests as it spawns vLLM. A request may carry a `fake` object to
 change one response: {"chunks": 3, "gap_ms": 50, "die_after": 2, "hang_after": 2, "hang": true,
-"status": 500, "echo_headers": true, "drop": true}; echo_headers answers with the headers and
-the URL (path and query) it received.
+"status": 500, "echo_headers": true, "set_cookie": "a=b", "redirect": "/elsewhere", "drop": true};
+echo_headers answers with the headers and the URL (path and query) it received.
 `GET /fake/stats` reports requests started, completed and aborted (client went away).
 """
 
@@ -146,10 +146,15 @@ class FakeVllmProtocol(asyncio.Protocol):
             return None
         if "status" in fake:
             return self._write(int(fake["status"]), _error("fake failure", int(fake["status"])))
+        if "redirect" in fake:
+            location = b"location: %s\r\n" % str(fake["redirect"]).encode()
+            return self._write(307, b"", extra_headers=location)
         if fake.get("echo_headers"):
             headers = {k.decode(): v.decode() for k, v in req.headers.items()}
             echo = {"headers": headers, "model": body["model"], "url": req.url.decode()}
-            return self._write(200, orjson.dumps(echo))
+            cookie = str(fake.get("set_cookie", "")).encode()
+            extra = b"set-cookie: %s\r\n" % cookie if cookie else b""
+            return self._write(200, orjson.dumps(echo), extra_headers=extra)
         opts.stats["started"] += 1
         try:
             if fake.get("hang"):
@@ -227,13 +232,14 @@ class FakeVllmProtocol(asyncio.Protocol):
         body: bytes,
         keep_alive: bool = True,
         content_type: bytes = b"application/json",
+        extra_headers: bytes = b"",
     ) -> None:
         if self.transport is None or self.closed:
             return
         reason = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found"}
         self.transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
-            % (status, reason.get(status, b"Error"), content_type, len(body), body)
+            b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n%s"
+            % (status, reason.get(status, b"Error"), content_type, len(body), extra_headers, body)
         )
         if not keep_alive:
             self.transport.close()

@@ -179,6 +179,29 @@ def test_path_and_query_string_reach_the_backend(gateway: GatewayServer) -> None
         assert response.json()["url"] == f"/v1/chat/completions{query}"
 
 
+def test_a_backend_redirect_is_passed_on_not_followed(gateway: GatewayServer) -> None:
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions", json=chat(redirect="/v1/elsewhere"), headers=KEY
+    )
+    assert response.status_code == 307
+    assert response.headers["location"] == "/v1/elsewhere"
+
+
+def test_cookies_a_backend_sets_go_to_that_client_only(fake: FakeBackend) -> None:
+    """The upstream client keeps no cookie jar: one client's cookie never reaches another's
+    request. (By a host name: aiohttp's default jar ignores cookies from IP addresses.)"""
+    url = fake.url.replace("127.0.0.1", "localhost")
+    gateway = GatewayServer(gateway_settings([{"name": fake.name, "url": url}]))
+    try:
+        endpoint = f"{gateway.url}/v1/chat/completions"
+        first = httpx.post(endpoint, json=chat(echo_headers=True, set_cookie="session=alice"))
+        assert first.headers["set-cookie"] == "session=alice"
+        second = httpx.post(endpoint, json=chat(echo_headers=True))
+        assert "cookie" not in second.json()["headers"]
+    finally:
+        gateway.close()
+
+
 def test_malformed_request_ids_are_replaced(gateway: GatewayServer) -> None:
     response = httpx.post(
         f"{gateway.url}/v1/chat/completions",
