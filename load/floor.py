@@ -23,7 +23,6 @@ import asyncio
 import datetime
 import gc
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ from urllib.parse import urlsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import FAKE_PORT, TARGET_PORT, measure, scenarios
 from peers import ROOT, Target, pinned, start_fake, start_gateway, wait_http
+from report import med
 
 SCENARIOS = ("chat c=1", "chat c=64", "stream 64 chunks c=16")
 SKETCHES = {"uvicorn + aiohttp": "aiohttp", "uvicorn + raw client": "raw"}
@@ -216,9 +216,6 @@ def main() -> None:
 
 
 def write_report(results: dict[str, dict[str, list[dict[str, Any]]]], args: Any) -> None:
-    def med(rows: list[dict[str, Any]], key: str) -> float:
-        return statistics.median(r[key] for r in rows if r.get(key) is not None)
-
     today = datetime.date.today().isoformat()
     lines = [
         f"# The floor under the gateway, {today}",
