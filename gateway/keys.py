@@ -61,6 +61,7 @@ class KeyRing:
         self._path = Path(keys_file) if keys_file is not None else None
         self._stamp: tuple[int, int, int] | None = None
         self._reloads: set[asyncio.Task[bool]] = set()
+        self._settling: tuple[int, int, int] | None = None  # a change seen by the last look
         self._use(self._static)
         if self._path is not None:
             self._use(self._static + self._read_file(self._path))
@@ -86,15 +87,20 @@ class KeyRing:
         """Re-read the keys file; on a bad file keep the keys in force and say why.
 
         Read in a worker thread: a file of 20,000 keys takes most of a second to parse,
-        which the event loop must not wait for.
+        which the event loop must not wait for. A file that changed while it was read is
+        not applied; the watcher reads it again once it has settled.
         """
         if self._path is None:
             return False
-        stamp = _stamp(self._path)  # taken first: an edit made while reading is seen next time
+        stamp = _stamp(self._path)
         try:
             keys = await asyncio.to_thread(self._read_file, self._path)
         except ConfigError as exc:
             log.error("keys file not reloaded, previous keys stay: %s", exc)
+            return False
+        if _stamp(self._path) != stamp:
+            log.info("keys file changed while it was read; reading it again once it settles")
+            self._stamp = None
             return False
         self._use(self._static + keys)
         self._stamp = stamp
@@ -108,15 +114,25 @@ class KeyRing:
         task.add_done_callback(self._reloads.discard)
 
     async def watch(self, interval: float = 1.0) -> None:
-        """Reload whenever the keys file changes (mtime, size or inode: editors and rename)."""
+        """Reload when the keys file changes (mtime, size or inode: editors and rename)."""
         if self._path is None:
             return
         while True:
             await asyncio.sleep(interval)
-            stamp = _stamp(self._path)
-            if stamp is not None and stamp != self._stamp:
-                self._stamp = stamp
-                await self.reload()
+            await self.look()
+
+    async def look(self) -> None:
+        """One look at the keys file. A change is applied once two looks in a row agree, so a
+        file still being written (truncated, half-written) is not taken for the new keys.
+        Replacing the file by a rename is the way to make a change in one step."""
+        assert self._path is not None
+        stamp = _stamp(self._path)
+        if stamp is None or stamp == self._stamp:
+            return
+        if stamp == self._settling:
+            self._stamp = stamp  # a file that does not validate is not read again until it changes
+            await self.reload()
+        self._settling = stamp
 
     def _read_file(self, path: Path) -> list[ApiKey]:
         entries = load_keys_file(path).keys

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import openai
 import pytest
 import yaml
 
-from gateway.keys import key_ring
+from gateway.keys import ApiKey, key_ring
 from gateway.settings import ConfigError, settings_from_dict
 from tests.servers import FakeBackend, GatewayProcess, running_gateway, wait_until
 
@@ -165,8 +167,46 @@ def test_keys_file_changes_apply_without_restart(tmp_path: Path, fake: FakeBacke
         )
         assert httpx.get(url, headers=bearer("sk-old")).status_code == 401
         keys_file.write_text("keys: [{name: broken}]\n")  # a bad edit keeps the keys in force
-        wait_until(lambda: os.stat(keys_file).st_size > 0, 1, "write")
+        time.sleep(2.5)  # two looks at the file (one a second) and the failed reload
         assert httpx.get(url, headers=bearer("sk-new")).status_code == 200
+
+
+def test_a_keys_file_half_written_is_not_applied(tmp_path: Path) -> None:
+    """A change counts once two looks agree: a writer that truncates the file and then
+    writes it does not lock everyone out in between."""
+    keys_file = tmp_path / "keys.yaml"
+    write_keys(keys_file, {"name": "old", "key": "sk-old"})
+    settings = settings_from_dict({"models": [CHAT], "keys_file": str(keys_file)}, env={})
+    ring = key_ring(settings)
+
+    async def rotate() -> None:
+        keys_file.write_text("")  # the writer has truncated the file ...
+        await ring.look()
+        assert ring.identify(b"sk-old") is not None
+        write_keys(keys_file, {"name": "old", "key": "sk-old"}, {"name": "new", "key": "sk-new"})
+        await ring.look()  # ... and written it: seen once, not yet applied
+        assert ring.identify(b"sk-new") is None
+        await ring.look()  # seen again, unchanged: applied
+        assert ring.identify(b"sk-new") is not None and ring.identify(b"sk-old") is not None
+
+    asyncio.run(rotate())
+
+
+def test_a_keys_file_changing_while_read_is_read_again(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.yaml"
+    write_keys(keys_file, {"name": "old", "key": "sk-old"})
+    ring = key_ring(settings_from_dict({"models": [CHAT], "keys_file": str(keys_file)}, env={}))
+    read = ring._read_file
+
+    def read_while_written(path: Path) -> list[ApiKey]:
+        keys = read(path)
+        write_keys(keys_file, {"name": "late", "key": "sk-late"})  # changed under the reader
+        return keys
+
+    write_keys(keys_file, {"name": "early", "key": "sk-early"})
+    ring._read_file = read_while_written  # type: ignore[method-assign]
+    assert asyncio.run(ring.reload()) is False
+    assert ring.identify(b"sk-old") is not None and ring.identify(b"sk-early") is None
 
 
 def test_sighup_reloads_the_keys_file(tmp_path: Path, fake: FakeBackend) -> None:
