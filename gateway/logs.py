@@ -41,3 +41,5 @@ def configure_logging(level: str, fmt: LogFormat) -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs each health check and scrape at info: a line per replica per second.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
