@@ -93,6 +93,10 @@ class KeyRing:
         if self._path is None:
             return False
         stamp = _stamp(self._path)
+        if stamp is not None and stamp[1] == 0:
+            # Truncated by a writer that has not written yet; `keys: []` revokes every key.
+            log.warning("keys file is empty: taken as being written, previous keys stay")
+            return False
         try:
             keys = await asyncio.to_thread(self._read_file, self._path)
         except ConfigError as exc:

@@ -172,22 +172,29 @@ def test_keys_file_changes_apply_without_restart(tmp_path: Path, fake: FakeBacke
 
 
 def test_a_keys_file_half_written_is_not_applied(tmp_path: Path) -> None:
-    """A change counts once two looks agree: a writer that truncates the file and then
-    writes it does not lock everyone out in between."""
+    """A change counts once two looks agree, and an empty file is taken as one being written:
+    a writer that truncates the file and writes it in pieces locks nobody out meanwhile."""
     keys_file = tmp_path / "keys.yaml"
-    write_keys(keys_file, {"name": "old", "key": "sk-old"})
-    settings = settings_from_dict({"models": [CHAT], "keys_file": str(keys_file)}, env={})
-    ring = key_ring(settings)
+    old, new = {"name": "old", "key": "sk-old"}, {"name": "new", "key": "sk-new"}
+    write_keys(keys_file, old)
+    ring = key_ring(settings_from_dict({"models": [CHAT], "keys_file": str(keys_file)}, env={}))
 
     async def rotate() -> None:
-        keys_file.write_text("")  # the writer has truncated the file ...
+        keys_file.write_text("")  # truncated, for longer than two looks
+        await ring.look()
         await ring.look()
         assert ring.identify(b"sk-old") is not None
-        write_keys(keys_file, {"name": "old", "key": "sk-old"}, {"name": "new", "key": "sk-new"})
-        await ring.look()  # ... and written it: seen once, not yet applied
-        assert ring.identify(b"sk-new") is None
-        await ring.look()  # seen again, unchanged: applied
+        write_keys(keys_file, new)  # the first entry written: valid YAML, but not the file
+        await ring.look()
+        assert ring.identify(b"sk-old") is not None and ring.identify(b"sk-new") is None
+        write_keys(keys_file, new, old)  # the whole file
+        await ring.look()
+        await ring.look()  # two looks agree: applied
         assert ring.identify(b"sk-new") is not None and ring.identify(b"sk-old") is not None
+        keys_file.write_text("keys: []\n")  # an explicit lockout does apply
+        await ring.look()
+        await ring.look()
+        assert ring.identify(b"sk-new") is None
 
     asyncio.run(rotate())
 
