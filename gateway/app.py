@@ -90,7 +90,7 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
     app: ASGIApp = Dispatcher(relay, api)
     if keys.enabled:
         opened = {path for name in settings.open_endpoints for path in OPENABLE[name]}
-        app = APIKeyMiddleware(app, keys, ALWAYS_OPEN | opened)
+        app = APIKeyMiddleware(app, keys, ALWAYS_OPEN | opened, on_refused=telemetry.refused)
     if settings.cors is not None:
         app = CORSMiddleware(
             app,

@@ -7,18 +7,30 @@ forwarded: the relay drops them and sends the backend's own key instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gateway.errors import AuthenticationFailed, send_error
 from gateway.keys import SCOPE_KEY, KeyRing
+from gateway.request import read_head
 from gateway.types import ASGIApp, Receive, Scope, Send
 
 OPEN_PATHS = frozenset({"/health"})
 
 
 class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: KeyRing, open_paths: frozenset[str] = OPEN_PATHS):
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: KeyRing,
+        open_paths: frozenset[str] = OPEN_PATHS,
+        on_refused: Callable[[str, str, int], None] | None = None,
+    ):
+        """``on_refused(request_id, path, status)``: told of each request turned away, so
+        that a key being guessed shows in the access log and the metrics."""
         self.app = app
         self.keys = keys
         self.open_paths = open_paths
+        self.on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths:
@@ -30,7 +42,10 @@ class APIKeyMiddleware:
             error = AuthenticationFailed(
                 "Incorrect or missing API key. Send it as `Authorization: Bearer <key>`."
             )
-            await send_error(send, error)
+            request_id = read_head(scope["headers"]).request_id
+            await send_error(send, error, request_id)
+            if self.on_refused is not None:
+                self.on_refused(request_id.decode(), scope["path"], error.status)
             return
         scope[SCOPE_KEY] = key
         await self.app(scope, receive, send)

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from backends.pool import ReplicaPool
 from gateway.access_log import AccessLog
 from gateway.metrics import GatewayMetrics
+from gateway.routing import RELAYED_PATHS
 
 UNROUTED = "-"  # the model label of a request refused before it named a configured model
+OTHER_ENDPOINT = "other"  # the endpoint label of a refused request for a path not relayed
 
 
 @dataclass(slots=True)
@@ -88,6 +90,12 @@ class Telemetry:
             window.add(duration, record.usage[1] if record.usage else 0)
         if self.access_log is not None:
             self.access_log.write(record, duration)
+
+    def refused(self, request_id: str, path: str, status: int) -> None:
+        """A request turned away before the relay (no valid key). Any path may be asked for, so
+        the endpoint label is the path only for the relayed ones: metrics stay bounded."""
+        endpoint = path if path in RELAYED_PATHS else OTHER_ENDPOINT
+        self.finish(RequestRecord(request_id, endpoint, status=status))
 
     def close(self) -> None:
         if self.access_log is not None:

@@ -21,6 +21,9 @@ def test_json_access_log_has_one_line_per_request(tmp_path: Path, fake: FakeBack
         headers = {"Authorization": "Bearer sk-secret-team-a", "X-Request-Id": "req-42"}
         request = {"model": fake.name, "messages": [{"role": "user", "content": "PRIVATE-TEXT"}]}
         assert httpx.post(f"{gateway.url}/v1/chat/completions", json=request, headers=headers)
+        guess = {"Authorization": "Bearer sk-guess", "X-Request-Id": "req-43"}
+        response = httpx.post(f"{gateway.url}/v1/chat/completions", json=request, headers=guess)
+        assert response.status_code == 401 and response.headers["x-request-id"] == "req-43"
         wait_until(lambda: "req-42" in gateway.log.read_text(), 5, "the access line")
     finally:
         gateway.close()
@@ -37,7 +40,12 @@ def test_json_access_log_has_one_line_per_request(tmp_path: Path, fake: FakeBack
     }
     assert access["latency_ms"] > 0 and access["ttfb_ms"] > 0
     assert (access["prompt_tokens"], access["completion_tokens"]) == (8, 8)
+    refused = [line for line in lines if line.get("request_id") == "req-43"]
+    assert [(r["status"], r["key"], r["endpoint"]) for r in refused] == [
+        (401, "-", "/v1/chat/completions")
+    ]
     assert "sk-secret-team-a" not in text and "PRIVATE-TEXT" not in text
+    assert "sk-guess" not in text
     assert all(line.startswith("{") for line in text.splitlines() if line.strip())
 
 

@@ -47,6 +47,23 @@ def chat(stream: bool, **extra: object) -> dict[str, object]:
     }
 
 
+def test_requests_without_a_valid_key_are_counted(gateway: GatewayServer) -> None:
+    """A key being guessed shows on the dashboard; any path may be asked for, the label set
+    stays bounded."""
+    for path, key in [("/v1/chat/completions", "sk-wrong"), ("/v1/x-1", "sk-a"), ("/v1/x-2", "")]:
+        headers = bearer(key) if key else {}
+        response = httpx.post(f"{gateway.url}{path}", json=chat(False), headers=headers)
+        assert response.status_code == (404 if key == "sk-a" else 401)
+    samples = scrape(gateway)
+    refused = {"model": "-", "status": "401", "key": "-"}
+    assert (
+        value(samples, "vllm_gateway_requests_total", endpoint="/v1/chat/completions", **refused)
+        == 1
+    )
+    assert value(samples, "vllm_gateway_requests_total", endpoint="other", **refused) == 1
+    assert not [labels for name, labels in samples if ("endpoint", "/v1/x-2") in labels]
+
+
 def test_requests_tokens_and_backend_state_are_counted(gateway: GatewayServer) -> None:
     url = f"{gateway.url}/v1/chat/completions"
     assert httpx.post(url, json=chat(False), headers=bearer("sk-a")).status_code == 200
