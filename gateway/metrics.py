@@ -1,7 +1,7 @@
 """Prometheus metrics: what the relay counts per request, and what is read from the pools.
 
-Per request the relay pays for a few counter and histogram updates on cached label children;
-nothing is counted per chunk. Gauges that describe state (requests in flight, open streams,
+Per request the relay pays for a few dict updates (``GatewayMetrics``); nothing is counted
+per chunk. Gauges that describe state (requests in flight, open streams,
 backend state, restarts, health-check latency) are not updated on the request path at all: a
 collector reads them from the replica pools when /metrics is scraped.
 
@@ -12,11 +12,18 @@ comes from more gateway replicas, each scraped, summed by Prometheus.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
+from itertools import accumulate
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from backends.pool import BackendState, ReplicaPool
@@ -26,37 +33,19 @@ TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 
 
 class GatewayMetrics:
+    """The per-request series, counted in plain dicts and turned into metric families when
+    /metrics is scraped: prometheus_client's labelled children (a lock per update, a histogram
+    observe in Python) cost about 19 µs a request, 8% of a relayed request's CPU. The relay
+    and the scrape run on the same event loop, so the counts need no lock."""
+
     def __init__(self, pools: Iterable[ReplicaPool]) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "vllm_gateway_requests",
-            "Relayed requests by model, endpoint, HTTP status and API key name.",
-            ["model", "endpoint", "status", "key"],
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "vllm_gateway_request_duration_seconds",
-            "Time from the request's arrival to the last byte of its response.",
-            ["model", "endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.ttfb = Histogram(
-            "vllm_gateway_time_to_first_byte_seconds",
-            "Time from a request's arrival to the first body byte sent to the client "
-            "(for a stream: its first event).",
-            ["model", "endpoint", "stream"],
-            buckets=TTFB_BUCKETS,
-            registry=self.registry,
-        )
-        self.tokens = Counter(
-            "vllm_gateway_tokens",
-            "Tokens by model, API key name and kind (prompt, completion), from backend usage.",
-            ["model", "key", "kind"],
-            registry=self.registry,
-        )
+        self.requests: dict[tuple[str, str, str, str], int] = {}  # model, endpoint, status, key
+        self.duration: dict[tuple[str, str], _Histogram] = {}  # model, endpoint
+        self.ttfb: dict[tuple[str, str, str], _Histogram] = {}  # model, endpoint, stream
+        self.tokens: dict[tuple[str, str, str], int] = {}  # model, key, kind
+        self.registry.register(_RequestCollector(self))
         self.registry.register(PoolCollector(list(pools)))
-        self._children: dict[tuple[str, ...], Any] = {}
 
     def observe(
         self,
@@ -69,22 +58,88 @@ class GatewayMetrics:
         stream: bool,
         usage: tuple[int, int] | None,
     ) -> None:
-        """One finished request. Label children are cached: a dict lookup, not a label parse."""
-        child = self._child
-        child(self.requests, model, endpoint, str(status), key).inc()
-        child(self.duration, model, endpoint).observe(duration)
+        """One finished request."""
+        labels = (model, endpoint, str(status), key)
+        self.requests[labels] = self.requests.get(labels, 0) + 1
+        _observe(self.duration, (model, endpoint), LATENCY_BUCKETS, duration)
         if ttfb is not None:
-            child(self.ttfb, model, endpoint, "true" if stream else "false").observe(ttfb)
+            stream_label = "true" if stream else "false"
+            _observe(self.ttfb, (model, endpoint, stream_label), TTFB_BUCKETS, ttfb)
         if usage is not None:
-            child(self.tokens, model, key, "prompt").inc(usage[0])
-            child(self.tokens, model, key, "completion").inc(usage[1])
+            for kind, count in (("prompt", usage[0]), ("completion", usage[1])):
+                self.tokens[(model, key, kind)] = self.tokens.get((model, key, kind), 0) + count
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        cache_key = (metric._name, *labels)
-        found = self._children.get(cache_key)
-        if found is None:
-            found = self._children[cache_key] = metric.labels(*labels)
-        return found
+
+class _Histogram:
+    __slots__ = ("counts", "total")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * (buckets + 1)  # per bucket, not cumulative; the last is +Inf
+        self.total = 0.0
+
+
+def _observe(
+    histograms: dict[Any, _Histogram], labels: Any, bounds: tuple[float, ...], value: float
+) -> None:
+    histogram = histograms.get(labels)
+    if histogram is None:
+        histogram = histograms[labels] = _Histogram(len(bounds))
+    histogram.counts[bisect_left(bounds, value)] += 1  # the first bound >= value: `le`
+    histogram.total += value
+
+
+class _RequestCollector(Collector):
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        requests = CounterMetricFamily(
+            "vllm_gateway_requests",
+            "Relayed requests by model, endpoint, HTTP status and API key name.",
+            labels=["model", "endpoint", "status", "key"],
+        )
+        for request_labels, count in list(m.requests.items()):
+            requests.add_metric(request_labels, count)
+        tokens = CounterMetricFamily(
+            "vllm_gateway_tokens",
+            "Tokens by model, API key name and kind (prompt, completion), from backend usage.",
+            labels=["model", "key", "kind"],
+        )
+        for token_labels, count in list(m.tokens.items()):
+            tokens.add_metric(token_labels, count)
+        yield requests
+        yield _histogram_family(
+            "vllm_gateway_request_duration_seconds",
+            "Time from the request's arrival to the last byte of its response.",
+            ["model", "endpoint"],
+            LATENCY_BUCKETS,
+            m.duration,
+        )
+        yield _histogram_family(
+            "vllm_gateway_time_to_first_byte_seconds",
+            "Time from a request's arrival to the first body byte sent to the client "
+            "(for a stream: its first event).",
+            ["model", "endpoint", "stream"],
+            TTFB_BUCKETS,
+            m.ttfb,
+        )
+        yield tokens
+
+
+def _histogram_family(
+    name: str,
+    documentation: str,
+    labels: list[str],
+    bounds: tuple[float, ...],
+    histograms: dict[Any, _Histogram],
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    edges = [str(float(b)) for b in bounds] + ["+Inf"]  # as prometheus_client writes `le`
+    for label_values, histogram in list(histograms.items()):
+        buckets = list(zip(edges, accumulate(histogram.counts), strict=True))
+        family.add_metric(list(label_values), buckets, histogram.total)
+    return family
 
 
 class PoolCollector(Collector):

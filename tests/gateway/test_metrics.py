@@ -6,8 +6,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.metrics import GatewayMetrics
 from tests.servers import FakeBackend, GatewayServer, gateway_settings
 
 KEYS = [{"name": "team-a", "key": "sk-a"}, {"name": "ops", "key": "sk-ops"}]
@@ -120,3 +122,22 @@ def test_metrics_need_a_key_unless_opened(fake: FakeBackend) -> None:
     finally:
         closed.close()
         opened.close()
+
+
+def test_histogram_buckets_count_values_up_to_and_including_their_bound() -> None:
+    metrics = GatewayMetrics([])
+    for seconds in (0.005, 0.0051, 400.0):
+        metrics.observe("m", "/v1/embeddings", 200, "k", seconds, None, False, None)
+    text = generate_latest(metrics.registry).decode()
+    samples = {
+        (s.name, s.labels.get("le")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("vllm_gateway_request_duration_seconds")
+    }
+    name = "vllm_gateway_request_duration_seconds"
+    assert samples[(f"{name}_bucket", "0.005")] == 1
+    assert samples[(f"{name}_bucket", "0.01")] == 2
+    assert samples[(f"{name}_bucket", "300.0")] == 2
+    assert samples[(f"{name}_bucket", "+Inf")] == samples[(f"{name}_count", None)] == 3
+    assert samples[(f"{name}_sum", None)] == pytest.approx(400.0101)
