@@ -4,9 +4,9 @@ Keys come from three places, all active at once: the config's `api_keys`, the en
 (VLLM_GATEWAY_API_KEYS, comma-separated) and an optional keys file. Only SHA-256 digests are
 kept in memory; a presented key is hashed and its digest looked up in a dict. That lookup's
 timing can say something about a digest, never about a key (SHA-256 has no known preimage
-attack), and unlike comparing against every key it costs the same for 3 keys or 30,000.
-The keys file is re-read when it changes and on SIGHUP, so a key rotates
-without a restart; a file that no longer validates leaves the previous keys in force.
+attack), and unlike comparing against every key it costs the same for 3 keys or 20,000. The
+keys file is re-read when it changes and on SIGHUP, so a key rotates without a restart; a file
+that no longer validates leaves the previous keys in force.
 """
 
 from __future__ import annotations
