@@ -76,11 +76,12 @@ def start_fake(port: int) -> Target:
     return target
 
 
-def start_gateway(port: int, upstream: str, workers: int = 1) -> Target:
+def start_gateway(port: int, upstream: str, workers: int = 1, root: Path = ROOT) -> Target:
     """The gateway as users run it (`python -m gateway serve`): an API key, access log on.
 
     ``workers`` > 1 starts that many gateway processes on ports port, port+1, ...: replicas,
-    as a deployment scales the gateway (the load client spreads over them).
+    as a deployment scales the gateway (the load client spreads over them). ``root``: the
+    checkout whose code runs (load/ab.py compares two).
     """
     config = {
         "models": [{"name": "fake", "url": upstream}],
@@ -96,7 +97,7 @@ def start_gateway(port: int, upstream: str, workers: int = 1) -> Target:
         procs.append(
             subprocess.Popen(
                 pinned(cpu, [*cmd, "--port", str(port + i)]),
-                cwd=ROOT,
+                cwd=root,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

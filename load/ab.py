@@ -1,0 +1,70 @@
+"""Two builds of the gateway side by side: the working tree against a git revision.
+
+    .venv/bin/python load/ab.py [--base HEAD] [--scenarios "chat c=1,chat c=64"] [--rounds 4]
+
+This machine's speed drifts (by up to 2x within minutes), so two builds measured one after the
+other compare nothing. Here both run at once, each on CPU 1 (the fake vLLM and the load client
+on CPU 0, as in load/bench.py), and take turns scenario by scenario; the medians over the
+rounds are compared. The base is checked out into a temporary git worktree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import FAKE_PORT, TARGET_PORT, measure, scenarios
+from peers import ROOT, Target, start_fake, start_gateway
+from report import med
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--base", default="HEAD", help="the git revision to compare against")
+    parser.add_argument("--scenarios", default="chat c=1,chat c=64")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=3)
+    args = parser.parse_args()
+    import uvloop
+
+    uvloop.install()
+    if (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {0})
+    chosen = [s for s in scenarios() if s.name in args.scenarios.split(",")]
+    base_dir = Path(tempfile.mkdtemp()) / "base"
+    git = ["git", "-C", str(ROOT)]
+    subprocess.run([*git, "worktree", "add", "--detach", str(base_dir), args.base], check=True)
+    fake = start_fake(FAKE_PORT)
+    builds: list[Target] = []
+    rows: dict[tuple[str, str], list[dict[str, float]]] = {}
+    try:
+        builds.append(start_gateway(TARGET_PORT, fake.url, root=base_dir))
+        builds.append(start_gateway(TARGET_PORT + 1, fake.url))
+        names = [args.base, "working tree"]
+        for _ in range(args.rounds):
+            for scenario in chosen:
+                for name, build in zip(names, builds, strict=True):
+                    row = measure(build, scenario, args.seconds)
+                    rows.setdefault((scenario.name, name), []).append(row)
+    finally:
+        for build in builds:
+            build.stop()
+        fake.stop()
+        subprocess.run([*git, "worktree", "remove", "--force", str(base_dir)], check=False)
+    print("| scenario | build | rps | p50 ms | p99 ms | TTFB p50 ms | CPU µs/request |")
+    print("|---|---|---|---|---|---|---|")
+    for (scenario, name), runs in rows.items():
+        print(
+            f"| {scenario} | {name} | {med(runs, 'rps'):.0f} | {med(runs, 'p50_ms'):.2f} "
+            f"| {med(runs, 'p99_ms'):.2f} | {med(runs, 'ttfb_p50_ms'):.2f} "
+            f"| {med(runs, 'cpu_us_per_request'):.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
