@@ -36,14 +36,12 @@ class AccessLog:
         self._clock = _SecondClock(utc=self._json)
 
     def write(self, record: RequestRecord, duration: float) -> None:
-        fields = _fields(record, duration)
         stamp = self._clock.stamp(time.time())
         if self._json:
-            line = orjson.dumps({"time": stamp, "level": "info", "logger": LOGGER, **fields})
-            text = line.decode() + "\n"
+            entry = {"time": stamp, "level": "info", "logger": LOGGER, **_fields(record, duration)}
+            text = orjson.dumps(entry).decode() + "\n"
         else:
-            pairs = " ".join(f"{k}={v}" for k, v in fields.items())
-            text = f"{stamp} INFO {LOGGER}: {pairs}\n"
+            text = _text_line(stamp, record, duration)
         self._lines.append(text)
         self._size += len(text)
         if self._size >= FLUSH_SIZE:
@@ -90,6 +88,23 @@ def _fields(record: RequestRecord, duration: float) -> dict[str, object]:
     if record.error is not None:
         fields["error"] = record.error
     return fields
+
+
+def _text_line(stamp: str, record: RequestRecord, duration: float) -> str:
+    """The same fields as `_fields`, as name=value pairs: one f-string, no dict (half the cost)."""
+    r = record
+    line = (
+        f"{stamp} INFO {LOGGER}: endpoint={r.endpoint} status={r.status} "
+        f"latency_ms={round(duration * 1000, 2)} model={r.model} key={r.key} "
+        f"backend={r.backend} request_id={r.request_id} stream={r.stream}"
+    )
+    if r.ttfb is not None:
+        line += f" ttfb_ms={round(r.ttfb * 1000, 2)}"
+    if r.usage is not None:
+        line += f" prompt_tokens={r.usage[0]} completion_tokens={r.usage[1]}"
+    if r.error is not None:
+        line += f" error={r.error}"
+    return line + "\n"
 
 
 class _SecondClock:

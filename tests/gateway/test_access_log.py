@@ -59,3 +59,23 @@ def test_without_an_event_loop_each_line_is_written_at_once() -> None:
     stream = CountingStream()
     AccessLog("text", stream).write(record(1), 0.5)
     assert "latency_ms=500.0" in stream.getvalue()
+
+
+def test_text_and_json_lines_carry_the_same_fields() -> None:
+    records = [
+        RequestRecord("r1", "/v1/chat/completions", key="team-a", model="m", status=200),
+        RequestRecord("r2", "/v1/embeddings", status=502, ttfb=0.002, usage=(3, 0)),
+        RequestRecord("r3", "/v1/chat/completions", status=200, stream=True, error="idle"),
+    ]
+    text, as_json = CountingStream(), CountingStream()
+    for log in (AccessLog("text", text), AccessLog("json", as_json)):
+        for each in records:
+            log.write(each, 0.0125)
+        log.flush()
+    for text_line, json_line in zip(
+        text.getvalue().splitlines(), as_json.getvalue().splitlines(), strict=True
+    ):
+        pairs = dict(pair.split("=", 1) for pair in text_line.split(": ", 1)[1].split(" "))
+        fields = json.loads(json_line)
+        del fields["time"], fields["level"], fields["logger"]
+        assert pairs == {k: str(v) for k, v in fields.items()}
