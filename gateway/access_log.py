@@ -1,4 +1,4 @@
-"""The access log: one line per relayed request, written in batches straight to the log stream.
+"""The access log: one line per request relayed or refused, written in batches to the log stream.
 
 Through `logging`, a line cost about 40 µs (a LogRecord, the formatter, the handler's lock, one
 write per line): 13% of a relayed request's CPU at 64 concurrent requests. Here a line is one
