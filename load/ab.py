@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import FAKE_PORT, TARGET_PORT, measure, scenarios
+from bench import FAKE_PORT, TARGET_PORT, scenarios, take_turns
 from peers import ROOT, Target, start_fake, start_gateway
-from report import med
+from report import Rows, med
 
 
 def main() -> None:
@@ -41,16 +41,12 @@ def main() -> None:
     subprocess.run([*git, "worktree", "add", "--detach", str(base_dir), args.base], check=True)
     fake = start_fake(FAKE_PORT)
     builds: list[Target] = []
-    rows: dict[tuple[str, str], list[dict[str, float]]] = {}
+    results: Rows = {}
     try:
         builds.append(start_gateway(TARGET_PORT, fake.url, root=base_dir))
         builds.append(start_gateway(TARGET_PORT + 1, fake.url))
-        names = [args.base, "working tree"]
-        for _ in range(args.rounds):
-            for scenario in chosen:
-                for name, build in zip(names, builds, strict=True):
-                    row = measure(build, scenario, args.seconds)
-                    rows.setdefault((scenario.name, name), []).append(row)
+        builds[0].name, builds[1].name = args.base, "working tree"
+        results = take_turns(builds, chosen, args.rounds, args.seconds)
     finally:
         for build in builds:
             build.stop()
@@ -58,12 +54,14 @@ def main() -> None:
         subprocess.run([*git, "worktree", "remove", "--force", str(base_dir)], check=False)
     print("| scenario | build | rps | p50 ms | p99 ms | TTFB p50 ms | CPU µs/request |")
     print("|---|---|---|---|---|---|---|")
-    for (scenario, name), runs in rows.items():
-        print(
-            f"| {scenario} | {name} | {med(runs, 'rps'):.0f} | {med(runs, 'p50_ms'):.2f} "
-            f"| {med(runs, 'p99_ms'):.2f} | {med(runs, 'ttfb_p50_ms'):.2f} "
-            f"| {med(runs, 'cpu_us_per_request'):.0f} |"
-        )
+    for scenario in chosen:
+        for name in (args.base, "working tree"):
+            runs = results[name][scenario.name]
+            print(
+                f"| {scenario.name} | {name} | {med(runs, 'rps'):.0f} "
+                f"| {med(runs, 'p50_ms'):.2f} | {med(runs, 'p99_ms'):.2f} "
+                f"| {med(runs, 'ttfb_p50_ms'):.2f} | {med(runs, 'cpu_us_per_request'):.0f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from peers import (
     start_nginx,
     start_vllm_router,
 )
+from report import Rows
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FAKE_PORT, TARGET_PORT = 19301, 19310
@@ -149,6 +150,31 @@ def measure(target: Target, scenario: Scenario, seconds: float, ports: int = 1) 
     return row
 
 
+def take_turns(
+    targets: list[Target],
+    chosen: list[Scenario],
+    rounds: int,
+    seconds: float,
+    after_round: Callable[[Rows], None] | None = None,
+) -> Rows:
+    """Every target measured alone, taking turns scenario by scenario, ``rounds`` times over:
+    a drift in the machine's speed then biases none of them."""
+    results: Rows = {}
+    for round_ in range(rounds):
+        for scenario in chosen:
+            for target in targets:
+                row = measure(target, scenario, seconds)
+                results.setdefault(target.name, {}).setdefault(scenario.name, []).append(row)
+                print(
+                    f"{round_ + 1}/{rounds} {target.name:>14} | {scenario.name:<24}"
+                    f" | {row['rps']:8.0f} rps",
+                    flush=True,
+                )
+        if after_round is not None:
+            after_round(results)
+    return results
+
+
 STARTERS: dict[str, Callable[[int, str], Target | str]] = {
     "vllm-gateway": start_gateway,
     "nginx": start_nginx,
@@ -185,7 +211,7 @@ def main() -> None:
     raw.parent.mkdir(parents=True, exist_ok=True)
     fake = start_fake(FAKE_PORT)
     running: list[Target] = [Target("direct", FAKE_PORT)]  # the fake itself, no gateway
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    results: Rows = {}
     skipped: dict[str, str] = {}
     idle: dict[str, float] = {}
     try:
@@ -201,17 +227,13 @@ def main() -> None:
                 continue
             running.append(target)
             idle[name] = rss_mb(target.pids)
-        for round_ in range(args.repeats):
-            for scenario in scenarios():
-                for target in running:
-                    row = measure(target, scenario, args.seconds)
-                    results.setdefault(target.name, {}).setdefault(scenario.name, []).append(row)
-                    print(
-                        f"{round_ + 1}/{args.repeats} {target.name:>14} | {scenario.name:<24}"
-                        f" | {row['rps']:8.0f} rps",
-                        flush=True,
-                    )
-            raw.write_text(json.dumps({"results": results, "idle": idle, "skipped": skipped}))
+
+        def save(rows: Rows) -> None:
+            raw.write_text(json.dumps({"results": rows, "idle": idle, "skipped": skipped}))
+
+        results.update(
+            take_turns(running, scenarios(), args.repeats, args.seconds, after_round=save)
+        )
         for target in running[1:]:
             target.stop()
         del running[1:]

@@ -30,9 +30,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import FAKE_PORT, TARGET_PORT, measure, scenarios
+from bench import FAKE_PORT, TARGET_PORT, scenarios, take_turns
 from peers import ROOT, Target, pinned, start_fake, start_gateway, wait_http
-from report import med
+from report import Rows, med
 
 SCENARIOS = ("chat c=1", "chat c=64", "stream 64 chunks c=16")
 SKETCHES = {"uvicorn + aiohttp": "aiohttp", "uvicorn + raw client": "raw"}
@@ -197,17 +197,13 @@ def main() -> None:
         os.sched_setaffinity(0, {0})
     fake = start_fake(FAKE_PORT)
     running = [Target("direct", FAKE_PORT)]
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    results: Rows = {}
     try:
         for i, (name, kind) in enumerate(SKETCHES.items()):
             running.append(start_sketch(name, kind, TARGET_PORT + 10 * i, fake.url))
         running.append(start_gateway(TARGET_PORT + 30, fake.url))
         chosen = [s for s in scenarios() if s.name in SCENARIOS]
-        for _ in range(args.repeats):
-            for scenario in chosen:
-                for target in running:
-                    row = measure(target, scenario, args.seconds)
-                    results.setdefault(target.name, {}).setdefault(scenario.name, []).append(row)
+        results = take_turns(running, chosen, args.repeats, args.seconds)
     finally:
         for target in running[1:]:
             target.stop()
@@ -215,7 +211,7 @@ def main() -> None:
     write_report(results, args)
 
 
-def write_report(results: dict[str, dict[str, list[dict[str, Any]]]], args: Any) -> None:
+def write_report(results: Rows, args: Any) -> None:
     today = datetime.date.today().isoformat()
     lines = [
         f"# The floor under the gateway, {today}",
