@@ -1,9 +1,9 @@
 """Prometheus metrics: what the relay counts per request, and what is read from the pools.
 
 Per request the relay pays for a few dict updates (``GatewayMetrics``); nothing is counted
-per chunk. Gauges that describe state (requests in flight, open streams,
-backend state, restarts, health-check latency) are not updated on the request path at all: a
-collector reads them from the replica pools when /metrics is scraped.
+per chunk. Gauges that describe state (requests in flight, open streams, backend state,
+restarts, health-check latency) are not updated on the request path at all: a collector reads
+them from the replica pools when /metrics is scraped.
 
 One process, one registry. The gateway runs as one asyncio process (spawn mode must: the
 backends belong to it), so there is no multiprocess aggregation to get wrong; more capacity
@@ -34,9 +34,9 @@ TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 
 class GatewayMetrics:
     """The per-request series, counted in plain dicts and turned into metric families when
-    /metrics is scraped: prometheus_client's labelled children (a lock per update, a histogram
-    observe in Python) cost about 19 µs a request, 8% of a relayed request's CPU. The relay
-    and the scrape run on the same event loop, so the counts need no lock."""
+    /metrics is scraped: prometheus_client's labelled children take a lock per update and
+    observe histograms in Python (A/B at 64 concurrent requests: 204 -> 197 µs of CPU a
+    request without them). The relay and the scrape share one event loop: no lock needed."""
 
     def __init__(self, pools: Iterable[ReplicaPool]) -> None:
         self.registry = CollectorRegistry()
