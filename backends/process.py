@@ -1,7 +1,9 @@
-"""One vLLM server process: start it under the reaper, stop it, read its log.
+"""One vLLM server process: start it under the reaper, end its whole tree, read its log.
 
 Each server writes to its own log file, so a failing backend's last lines can be shown without
-mixing four servers' output on the gateway's terminal.
+mixing four servers' output on the gateway's terminal. The reaper leads a process group that
+holds the server and everything it forks (``backends.proctree``); ``stop`` ends that group
+whatever state it is in, even when the reaper itself was killed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
+from backends.proctree import group_members, signal_group
 from backends.reaper import GRACE_ENV
 
 
@@ -33,6 +36,7 @@ class BackendProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._log: IO[bytes] | None = None
         self.started_at = 0.0
+        self._seen: set[int] = set()
 
     @property
     def pid(self) -> int | None:
@@ -52,6 +56,7 @@ class BackendProcess:
         self._log.write(f"\n=== {time.strftime('%F %T')} starting: {' '.join(cmd)}\n".encode())
         self._log.flush()
         self.started_at = time.monotonic()
+        self._seen = set()
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -62,7 +67,9 @@ class BackendProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=self._log,
             stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches the gateway, which stops backends in order
+            # A session and group of its own: Ctrl-C reaches the gateway, which stops backends
+            # in order, and the group id (the reaper's pid) names the backend's whole tree.
+            start_new_session=True,
             cwd=os.getcwd(),
         )
 
@@ -70,23 +77,49 @@ class BackendProcess:
         assert self._proc is not None
         return await self._proc.wait()
 
-    async def stop(self, grace: float) -> None:
-        """SIGTERM to the reaper (which stops the server's whole group), SIGKILL if it lingers.
+    def tree(self) -> list[int]:
+        """Every live process of this backend: reaper, server, engine core, workers. Each one
+        seen is remembered until the next start, for the wait on its GPU memory."""
+        members = group_members(self._proc.pid) if self._proc is not None else []
+        self._seen.update(members)
+        return members
 
-        ``grace`` must be the one the process was started with: the reaper waits that long
-        before it SIGKILLs the server's group.
+    async def stop(self, grace: float) -> list[int]:
+        """End the backend's whole tree; return the pids it had, for the GPU-memory wait.
+
+        SIGTERM to the reaper, which stops the group in order. Whatever is left after that,
+        or was left when the reaper died on its own (killed with the server, say), gets
+        SIGTERM, then SIGKILL after ``grace``: no process of the tree outlives this call.
+        ``grace`` must be the one the process was started with (the reaper's own).
         """
         proc = self._proc
-        if proc is not None and proc.returncode is None:
+        if proc is None:
+            return []
+        self.tree()
+        if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), grace + 5)
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        if self.tree():  # the reaper is gone but part of its tree is not
+            signal_group(proc.pid, signal.SIGTERM)
+            if not await self._tree_ends(grace):
+                signal_group(proc.pid, signal.SIGKILL)
+                await self._tree_ends(5.0)
         if self._log is not None:
             self._log.close()
             self._log = None
+        return sorted(self._seen)
+
+    async def _tree_ends(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.tree():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
 
     def tail(self, lines: int = 20) -> list[str]:
         try:

@@ -1,14 +1,16 @@
-"""A small parent for one vLLM server, so that no vLLM process outlives the gateway.
+"""A small parent for one vLLM server, so that no vLLM process outlives its backend.
 
-Run as ``python -m backends.reaper -- CMD...``. It starts CMD in a process group of its own and,
-when told to stop (SIGTERM or SIGINT), or when the gateway dies (the kernel's parent-death
-signal, so even after a SIGKILL to the gateway), stops that whole group: SIGTERM, a grace
-period, then SIGKILL. vLLM forks engine workers, so stopping the server alone is not enough.
+Run as ``python -m backends.reaper -- CMD...``. It leads a process group of its own (the
+gateway starts it in a new session) and starts CMD inside that group, so the server and every
+process the server forks share one group whose id is the reaper's pid (``backends.proctree``).
+When told to stop (SIGTERM or SIGINT), when the server exits, or when the gateway dies (the
+kernel's parent-death signal, so even after a SIGKILL to the gateway), it ends the whole group:
+SIGTERM, a grace period, then SIGKILL. If the reaper itself is killed, the gateway ends the
+group by the same id.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import signal
@@ -17,8 +19,11 @@ import sys
 import time
 from types import FrameType
 
+from backends.proctree import group_members, kill_others
+
 GRACE_ENV = "VLLM_GATEWAY_STOP_GRACE"
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def set_parent_death_signal(sig: int) -> None:
@@ -30,24 +35,22 @@ def set_parent_death_signal(sig: int) -> None:
         pass
 
 
-def stop_group(leader: subprocess.Popen[bytes], grace: float) -> None:
-    """Stop the leader's process group; the leader is reaped as it goes (a zombie still counts
-    as a member of its group)."""
-    pgid = leader.pid
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def stop_group(server: subprocess.Popen[bytes], grace: float) -> None:
+    """End every other process of this group: SIGTERM, then SIGKILL after ``grace`` seconds.
+    The server is reaped as it goes (a zombie would still count as a member)."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # the group's SIGTERM reaches this process too
+    pgid = os.getpgrp()
+    me = os.getpid()
+    kill_others(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        leader.poll()
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+        server.poll()
+        if not [pid for pid in group_members(pgid) if pid != me]:
             return
         time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
+    kill_others(pgid, signal.SIGKILL)
+    server.poll()
 
 
 def main(argv: list[str]) -> int:
@@ -60,20 +63,22 @@ def main(argv: list[str]) -> int:
     set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent:  # the gateway died before the signal was armed
         return 1
+    if os.getpgrp() != os.getpid():
+        os.setpgid(0, 0)  # started without a session of its own: never end the caller's group
     grace = float(os.environ.pop(GRACE_ENV, "15"))
-    child = subprocess.Popen(argv, start_new_session=True)
 
     def on_signal(signum: int, _: FrameType | None) -> None:
-        raise _StopRequested(signum)  # leaves child.wait(), which holds the lock poll() needs
+        raise _StopRequested(signum)  # leaves server.wait(), which holds the lock poll() needs
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    server = subprocess.Popen(argv)  # a stop signal before the handlers: the gateway ends the group
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, on_signal)
     try:
-        code = child.wait()
+        code = server.wait()
     except _StopRequested as stop:
-        stop_group(child, grace)
+        stop_group(server, grace)
         return 128 + stop.signum
-    stop_group(child, 2.0)  # engine workers the server left behind
+    stop_group(server, 2.0)  # engine processes the server left behind
     return code
 
 

@@ -1,7 +1,9 @@
 """Two real vLLM replicas of one model under steady load; one is killed with SIGKILL mid-run.
 
-Every request that had not started streaming must succeed (the gateway retries it on the other
-replica), every stream cut by the dying server must end with an error event and [DONE], the
+The kill hits the server and the gateway's helper above it, as `pkill -9 -f <model>` does; the
+engine core below them must not survive (the gateway ends the rest of the tree). Every request
+that had not started streaming must succeed (the gateway retries it on the other replica), every
+stream cut by the dying server must end with an error event and [DONE], the
 dead replica must leave the pool at once and come back once the supervisor restarted it.
 """
 
@@ -18,7 +20,7 @@ import httpx
 import pytest
 
 from tests.integration.spawned import AUTH, chat, embed, vllm_servers
-from tests.servers import wait_until
+from tests.servers import alive, descendants, parent, wait_until
 from tests.vllm_rig import ARTIFACTS, READY_TIMEOUT, VllmRig
 
 pytestmark = pytest.mark.vllm
@@ -81,9 +83,18 @@ def test_killing_one_replica_under_load(rig: VllmRig) -> None:
     for thread in threads:
         thread.start()
     time.sleep(KILL_AT)
+    # What `pkill -9 -f <model>` hits: the server and the gateway's helper above it, not the
+    # engine core below them, which would live on under init, holding its memory.
     victim = servers[0]
-    os.kill(victim, signal.SIGKILL)
+    helper = parent(victim)
+    tree = [helper, *descendants(helper)]
+    assert len(tree) >= 3  # helper, server, engine core
+    for pid in (helper, victim):
+        os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
+    wait_until(lambda: not any(alive(p) for p in tree), 30, "the whole killed tree to end")
+    tree_gone_after = time.monotonic() - killed
+    assert embed(gw, "tiny-embed").status_code == 200  # the other model keeps answering
     # Out of rotation: its process seen gone (state), or ejected after refused connections.
     wait_until(
         lambda: any(r["state"] != "ready" or r["ejected"] for r in replicas(gw.url)),
@@ -103,6 +114,7 @@ def test_killing_one_replica_under_load(rig: VllmRig) -> None:
     report = {
         "outcomes": dict(outcomes),
         "ejected_after_s": round(ejected_after, 2),
+        "tree_gone_after_s": round(tree_gone_after, 2),
         "readmitted_after_s": round(restarted_after, 1),
         "restarts": [r["restarts"] for r in replicas(gw.url)],
     }

@@ -1,0 +1,54 @@
+"""The processes of one backend: one process group, led by the reaper, that nothing leaves.
+
+vLLM's API server forks an engine core (and, with tensor parallelism, workers). None of them
+changes its process group, so the group the gateway creates for the reaper holds the whole
+tree. Its id is the reaper's pid, which the gateway knows, so the gateway can end every
+process of the backend even after the reaper itself was killed (a ``pkill -9 -f MODEL`` hits
+the reaper and the API server but not the engine core, which then lives on under init).
+
+Linux only (/proc); elsewhere the group is still signalled, but members cannot be listed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes whose process group is ``pgid``."""
+    members = []
+    for entry in PROC.glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to every process of the group; False if the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a pid reused by another user's process: not ours to signal
+        return False
+    return True
+
+
+def kill_others(pgid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal every member of the group but the calling process (the reaper, ending its tree)."""
+    me = os.getpid()
+    for pid in group_members(pgid):
+        if pid != me:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
