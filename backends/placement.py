@@ -7,10 +7,7 @@ leave room for each other (and for CUDA's own context), so their shares may add 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,32 +55,6 @@ def placement_problems(specs: Sequence[VllmSpec], gpu_count: int | None) -> list
                 f"({names}); lower the shares or move a model"
             )
     return problems
-
-
-def visible_gpu_count() -> int | None:
-    """How many GPUs this machine has, if that can be asked; None when it cannot be known."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([g for g in visible.split(",") if g.strip()])
-    indices = _nvidia_smi("index")
-    return None if indices is None else len(indices)
-
-
-def _nvidia_smi(field: str) -> list[str] | None:
-    """One value per GPU of ``nvidia-smi --query-gpu=FIELD``; None when it cannot be asked."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def _gpus(gpus: Sequence[int]) -> str:
@@ -138,9 +109,3 @@ def fit_warnings(specs: Sequence[VllmSpec], gpu_memory_bytes: float | None) -> l
                 "add GPUs, raise gpu-memory-utilization or quantize"
             )
     return warnings
-
-
-def visible_gpu_memory() -> float | None:
-    """Bytes of memory on GPU 0, if nvidia-smi can tell (it reports MiB)."""
-    sizes = _nvidia_smi("memory.total")
-    return float(sizes[0]) * 2**20 if sizes else None

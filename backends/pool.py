@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
+from backends.kv_cache import KvCache
+
 Policy = Literal["least_outstanding", "vllm_metrics", "affinity"]
 
 
 class BackendState(StrEnum):
+    WAITING = "waiting"  # for its start-up turn on a GPU it shares (spawn mode)
     LOADING = "loading"
     READY = "ready"
     UNHEALTHY = "unhealthy"  # failing its health checks (connect mode)
@@ -64,6 +67,7 @@ class Replica:
     health_latency: float | None = None  # seconds, last health check
     gpus: tuple[int, ...] = ()
     load: VllmLoad | None = None  # from the replica's own /metrics (policy vllm_metrics)
+    kv_cache: KvCache | None = None  # expected and actual, once a spawned server is ready
 
     @property
     def ready(self) -> bool:
@@ -128,9 +132,10 @@ class ReplicaPool:
     @property
     def loading(self) -> bool:
         """True while no replica is ready yet but one is on its way (so clients should retry)."""
-        return any(
-            r.state in (BackendState.LOADING, BackendState.RESTARTING) for r in self.replicas
-        )
+        return any(r.state in _ON_ITS_WAY for r in self.replicas)
+
+
+_ON_ITS_WAY = frozenset({BackendState.WAITING, BackendState.LOADING, BackendState.RESTARTING})
 
 
 def _in_flight(replica: Replica) -> float:

@@ -1,10 +1,12 @@
 """Start, watch and restart the vLLM servers of spawn mode; stop them all on the way out.
 
-One asyncio task per backend runs its life: start, wait until ready (health and model list),
-watch (the process, and /health every few seconds), and on death or repeated health failures
-restart with exponential backoff, up to a limit after which the backend is marked failed.
-The replica object it owns is what the gateway routes by: its ``state`` and ``url`` are updated
-here, so requests see a loading or restarting model at once and get a clean 503.
+One asyncio task per backend runs its life: wait for its GPUs' start-up turn, start, wait
+until ready (health and model list), check the KV cache it got, watch (the process, and
+/health every few seconds), and on death or repeated health failures end its whole process
+tree, wait until the GPU memory of that tree is free, and restart with exponential backoff, up
+to a limit after which the backend is marked failed. The replica object it owns is what the
+gateway routes by: its ``state`` and ``url`` are updated here, so requests see a loading or
+restarting model at once and get a clean 503.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pathlib import Path
 
 import httpx
 
+from backends import kv_cache
+from backends.gpu_turns import GpuTurns
+from backends.gpus import gpu_memory_holders
 from backends.health import is_healthy, is_ready
 from backends.pool import BackendState, Replica
 from backends.process import BackendProcess, free_port
@@ -39,6 +44,7 @@ class SupervisorTimings:
     max_restarts: int = 5  # in a row without becoming ready; then the backend is failed
     stop_grace: float = 15.0
     progress_interval: float = 15.0
+    gpu_release_timeout: float = 120.0  # for the old tree's GPU memory before a restart
 
 
 @dataclass(eq=False)
@@ -47,6 +53,7 @@ class Backend:
     replica: Replica
     process: BackendProcess
     task: asyncio.Task[None] | None = None
+    waiting_since: float = 0.0  # time.monotonic(), while waiting for a GPU turn
 
 
 class Supervisor:
@@ -56,8 +63,12 @@ class Supervisor:
         *,
         log_dir: str | Path = "logs",
         timings: SupervisorTimings | None = None,
+        gpu_memory: float | None = None,
     ) -> None:
+        """``gpu_memory``: bytes per GPU, for the KV cache a slice should give."""
         self.timings = timings or SupervisorTimings()
+        self.turns = GpuTurns()
+        self.gpu_memory = gpu_memory
         self.backends: dict[str, Backend] = {}
         for spec in specs:
             replica = Replica(url="", state=BackendState.STOPPED, gpus=tuple(spec.gpus))
@@ -99,7 +110,9 @@ class Supervisor:
         failures_in_a_row = 0
         while True:
             became_ready = await self._start_and_watch(backend)
-            await backend.process.stop(self.timings.stop_grace)
+            pids = await backend.process.stop(self.timings.stop_grace)
+            if backend.spec.gpus:
+                await self._gpu_memory_freed(backend.spec.label, pids)
             failures_in_a_row = 0 if became_ready else failures_in_a_row + 1
             if failures_in_a_row > self.timings.max_restarts:
                 backend.replica.state = BackendState.FAILED
@@ -127,22 +140,88 @@ class Supervisor:
 
     async def _start_and_watch(self, backend: Backend) -> bool:
         """Run one life of the server. True if it became ready before it ended."""
-        spec, replica, process = backend.spec, backend.replica, backend.process
-        # "sk-" first: a key starting with "-" would read as a flag to the server's argparse.
-        port, key = free_port(), "sk-" + secrets.token_urlsafe(24)
-        replica.url, replica.api_key = f"http://127.0.0.1:{port}", key
-        await process.start(spec.command(port, key), spec.environment(), self.timings.stop_grace)
-        log.info("%s: starting on port %d (pid %s)", spec.label, port, process.pid)
-        if not await self._wait_ready(backend):
+        spec, replica = backend.spec, backend.replica
+        if not await self._start_in_turn(backend):
             return False
         replica.state = BackendState.READY
-        backend.replica.ready_since = time.monotonic()
+        replica.ready_since = time.monotonic()
+        backend.process.tree()  # the engine core and workers exist now: remember them
         log.info(
-            "%s: ready after %.0fs", spec.label, backend.replica.ready_since - process.started_at
+            "%s: ready after %.0fs", spec.label, replica.ready_since - backend.process.started_at
         )
+        if kv_cache.generative(spec):
+            await self._check_kv_cache(backend)
         await self._watch(backend)
-        backend.replica.ready_since = None
+        replica.ready_since = None
         return True
+
+    async def _start_in_turn(self, backend: Backend) -> bool:
+        """Start once no other server on these GPUs is starting; hold the turn until ready,
+        failed, or out of start-up time, so this server's memory profiling runs alone."""
+        spec, replica, process = backend.spec, backend.replica, backend.process
+        starting_state = replica.state
+        if self.turns.holders(spec.gpus):
+            replica.state = BackendState.WAITING
+            backend.waiting_since = time.monotonic()
+        async with self.turns.turn(spec.label, spec.gpus):
+            replica.state = starting_state
+            # "sk-" first: a key starting with "-" would read as a flag to the server's argparse.
+            port, key = free_port(), "sk-" + secrets.token_urlsafe(24)
+            replica.url, replica.api_key = f"http://127.0.0.1:{port}", key
+            await process.start(
+                spec.command(port, key), spec.environment(), self.timings.stop_grace
+            )
+            log.info("%s: starting on port %d (pid %s)", spec.label, port, process.pid)
+            return await self._wait_ready(backend)
+
+    async def _check_kv_cache(self, backend: Backend) -> None:
+        """Read the KV cache the server got and compare it with what its slice should give."""
+        assert self._client is not None
+        spec, replica = backend.spec, backend.replica
+        try:
+            text = (await self._client.get(f"{replica.url}/metrics")).text
+        except httpx.HTTPError:
+            text = ""
+        cache = kv_cache.KvCache(
+            expected_bytes=kv_cache.expected_bytes(spec, self.gpu_memory),
+            actual_tokens=kv_cache.tokens_from_metrics(text),
+            bytes_per_token=kv_cache.bytes_per_token(spec),
+        )
+        replica.kv_cache = cache
+        if cache.short:
+            log.warning(
+                "%s: KV cache is short: %s. A neighbour on GPU %s may have allocated while it "
+                "profiled memory; it serves fewer concurrent tokens than its slice was sized for",
+                spec.label,
+                cache.describe(),
+                ",".join(str(g) for g in spec.gpus) or "-",
+            )
+        else:
+            log.info("%s: KV cache %s", spec.label, cache.describe())
+
+    async def _gpu_memory_freed(self, label: str, pids: list[int]) -> None:
+        """Before a restart, wait until no process of the old tree holds GPU memory."""
+        deadline = time.monotonic() + self.timings.gpu_release_timeout
+        said = False
+        while True:
+            holders = await gpu_memory_holders()
+            held = sorted(set(pids) & set(holders or {}))
+            if not held:
+                if said:
+                    log.info("%s: GPU memory of the old server is free", label)
+                return
+            if time.monotonic() > deadline:
+                log.error(
+                    "%s: pids %s still hold GPU memory after %.0fs; restarting anyway",
+                    label,
+                    held,
+                    self.timings.gpu_release_timeout,
+                )
+                return
+            if not said:
+                log.warning("%s: waiting for pids %s to free their GPU memory", label, held)
+                said = True
+            await asyncio.sleep(1.0)
 
     async def _wait_ready(self, backend: Backend) -> bool:
         assert self._client is not None
@@ -197,7 +276,18 @@ class Supervisor:
             await asyncio.sleep(self.timings.progress_interval)
             for backend in self.backends.values():
                 state = backend.replica.state
-                if state in (BackendState.LOADING, BackendState.RESTARTING):
+                if state is BackendState.WAITING:
+                    gpus = ",".join(str(g) for g in backend.spec.gpus)
+                    holders = ", ".join(self.turns.holders(backend.spec.gpus)) or "another model"
+                    elapsed = time.monotonic() - backend.waiting_since
+                    log.info(
+                        "%s: waiting %.0fs for its turn on GPU %s (%s is starting there)",
+                        backend.spec.label,
+                        elapsed,
+                        gpus,
+                        holders,
+                    )
+                elif state in (BackendState.LOADING, BackendState.RESTARTING):
                     elapsed = time.monotonic() - backend.process.started_at
                     last = (backend.process.tail(1) or [""])[0][:160]
                     log.info("%s: %s for %.0fs | %s", backend.spec.label, state, elapsed, last)

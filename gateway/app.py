@@ -26,7 +26,7 @@ from gateway.auth import OPEN_PATHS, APIKeyMiddleware
 from gateway.catalog import ModelCatalog
 from gateway.control import ControlParts, control_api
 from gateway.keys import KeyRing, key_ring
-from gateway.launch import backend_specs
+from gateway.launch import backend_specs, gpu_memory
 from gateway.relay import Relay, RelayLimits
 from gateway.routing import RELAYED_PATHS, RouteTable
 from gateway.settings import GatewaySettings
@@ -39,7 +39,9 @@ from gateway.upstream import UpstreamClients
 def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = None) -> ASGIApp:
     """Build the gateway. Spawn-mode models are started by ``supervisor`` during the lifespan."""
     if supervisor is None:
-        supervisor = Supervisor(backend_specs(settings), log_dir=settings.log_dir)
+        supervisor = Supervisor(
+            backend_specs(settings), log_dir=settings.log_dir, gpu_memory=gpu_memory(settings)
+        )
     pools, checked = _pools(settings, supervisor)
     health_checker = HealthChecker(checked)
     scraper = LoadScraper(

@@ -13,15 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from backends.placement import (
-    fit_warnings,
-    gpu_map,
-    placement_problems,
-    visible_gpu_count,
-    visible_gpu_memory,
-)
+from backends import kv_cache
+from backends.gpus import visible_gpu_count
+from backends.placement import fit_warnings, gpu_map, placement_problems
 from backends.spec import shell_line
-from gateway.launch import backend_specs
+from gateway.launch import backend_specs, gpu_memory
 from gateway.settings import ConfigError, GatewaySettings, load_settings
 
 
@@ -98,9 +94,7 @@ def _placement_ok(settings: GatewaySettings) -> bool:
     problems = placement_problems(specs, visible_gpu_count())
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
-    gib = settings.gpu_memory_gib
-    memory = gib * 2**30 if gib is not None else visible_gpu_memory()
-    for warning in fit_warnings(specs, memory):
+    for warning in fit_warnings(specs, gpu_memory(settings)):
         print(f"  warning: {warning}", file=sys.stderr)
     return not problems
 
@@ -132,6 +126,7 @@ def plan(args: argparse.Namespace) -> int:
         print(f"  GPU {gpu}: {total:.0%} used by {names}")
     if not gpu_map(specs):
         print("  (no model names GPUs)")
+    memory = gpu_memory(settings)
     for model in settings.models:
         aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
         print(f"\n{model.name}{aliases}")
@@ -145,6 +140,11 @@ def plan(args: argparse.Namespace) -> int:
                 print("  env: " + " ".join(f"{k}={v}" for k, v in env.items()))
             cmd = shell_line(spec.command(port=0, api_key="<generated>"))
             print("  cmd: " + cmd.replace("--port 0", "--port <free>"))
+            if kv_cache.generative(spec):
+                line, warning = kv_cache.plan(spec, memory)
+                print("  " + line)
+                if warning:
+                    print(f"  warning: {warning}", file=sys.stderr)
     return 0 if _placement_ok(settings) else 2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from backends.gpus import visible_gpu_memory
 from backends.spec import VllmSpec
 from gateway.settings import GatewaySettings
 
@@ -36,3 +37,12 @@ def launcher(configured: list[str]) -> tuple[str, ...]:
     if configured[0] in ("python", "python3"):
         return (sys.executable, *configured[1:])
     return tuple(configured)
+
+
+def gpu_memory(settings: GatewaySettings) -> float | None:
+    """Bytes per GPU: the config's `gpu_memory_gib`, else what nvidia-smi says of GPU 0."""
+    if settings.gpu_memory_gib is not None:
+        return settings.gpu_memory_gib * 2**30
+    if any(m.vllm is not None and m.vllm.gpus for m in settings.models):
+        return visible_gpu_memory()
+    return None

@@ -11,6 +11,9 @@ change one response: {"chunks": 3, "gap_ms": 50, "die_after": 2, "hang_after": 2
 "status": 500, "echo_headers": true, "set_cookie": "a=b", "redirect": "/elsewhere", "drop": true};
 echo_headers answers with the headers and the URL (path and query) it received.
 `GET /fake/stats` reports requests started, completed and aborted (client went away).
+`--num-gpu-blocks N` adds vLLM's `vllm:cache_config_info` series (block size 16) to /metrics;
+`--engine-core` starts a child process that, like vLLM's engine core, outlives a server killed
+with SIGKILL.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +40,7 @@ class Options:
     gap_ms: float = 0.0
     max_model_len: int = 2048
     startup_delay: float = 0.0
+    num_gpu_blocks: int | None = None
     stats: dict[str, int] = field(
         default_factory=lambda: {"started": 0, "completed": 0, "aborted": 0}
     )
@@ -109,12 +114,19 @@ class FakeVllmProtocol(asyncio.Protocol):
             return self._write(200, orjson.dumps(opts.stats))
         if path == b"/metrics":  # the three load gauges vLLM exports, from this fake's own work
             running = opts.stats["started"] - opts.stats["completed"] - opts.stats["aborted"]
+            cache = b""
+            if opts.num_gpu_blocks is not None:
+                cache = (
+                    b'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="%d"} 1.0\n'
+                )
+                cache %= opts.num_gpu_blocks
             return self._write(
                 200,
                 b'vllm:num_requests_running{model_name="%s"} %d\n'
                 b'vllm:num_requests_waiting{model_name="%s"} 0\n'
                 b'vllm:kv_cache_usage_perc{model_name="%s"} 0.0\n'
-                % ((opts.served_names[0].encode(), running) + (opts.served_names[0].encode(),) * 2),
+                % ((opts.served_names[0].encode(), running) + (opts.served_names[0].encode(),) * 2)
+                + cache,
                 content_type=b"text/plain; version=0.0.4",
             )
         authorized = (
@@ -308,6 +320,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Options]:
     parser.add_argument("--gap-ms", type=float, default=0.0)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--startup-delay", type=float, default=0.0, help="seconds before listening")
+    parser.add_argument("--num-gpu-blocks", type=int, help="report this KV cache in /metrics")
+    parser.add_argument("--engine-core", action="store_true", help="start a long-lived child")
     args, _unknown = parser.parse_known_args(argv)  # ignore other vLLM flags
     options = Options(
         served_names=args.served_model_name or [args.model_pos or args.model],
@@ -316,6 +330,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Options]:
         gap_ms=args.gap_ms,
         max_model_len=args.max_model_len,
         startup_delay=args.startup_delay,
+        num_gpu_blocks=args.num_gpu_blocks,
     )
     return args, options
 
@@ -343,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
         pass
     if os.environ.get("FAKE_VLLM_EXIT_AT_START"):
         sys.exit(int(os.environ["FAKE_VLLM_EXIT_AT_START"]))
+    if args.engine_core:  # vLLM's engine core: same process group, no death signal
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     asyncio.run(serve(args.host, args.port, options))
 
 
