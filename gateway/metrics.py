@@ -157,13 +157,20 @@ class PoolCollector(Collector):
         )
         state = GaugeMetricFamily(
             "vllm_gateway_backend_state",
-            "1 for each replica's current state (loading, ready, restarting, failed, stopped).",
+            "1 for each replica's current state (waiting, loading, ready, unhealthy, "
+            "restarting, failed, stopped).",
             labels=["model", "replica", "state"],
         )
         restarts = CounterMetricFamily(
             "vllm_gateway_backend_restarts",
             "Times the gateway restarted a replica (spawn mode).",
             labels=["model", "replica"],
+        )
+        kv_tokens = GaugeMetricFamily(
+            "vllm_gateway_kv_cache_tokens",
+            "KV cache of each spawned generative replica in tokens: expected from its GPU "
+            "slice, actual as vLLM reports it.",
+            labels=["model", "replica", "kind"],
         )
         health = GaugeMetricFamily(
             "vllm_gateway_health_check_seconds",
@@ -180,4 +187,12 @@ class PoolCollector(Collector):
                 restarts.add_metric(labels, replica.restarts)
                 if replica.health_latency is not None:
                     health.add_metric(labels, replica.health_latency)
-        yield from (in_flight, streams, state, restarts, health)
+                cache = replica.kv_cache
+                if cache is not None:
+                    for kind, tokens in (
+                        ("expected", cache.expected_tokens),
+                        ("actual", cache.actual_tokens),
+                    ):
+                        if tokens is not None:
+                            kv_tokens.add_metric([*labels, kind], tokens)
+        yield from (in_flight, streams, state, restarts, health, kv_tokens)

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from backends.kv_cache import GiB, KvCache
 from backends.pool import ReplicaPool
 from gateway import __version__
 from gateway.telemetry import Telemetry
@@ -44,6 +45,7 @@ class StatusReport:
                     "health_ms": round(r.health_latency * 1000, 2)
                     if r.health_latency is not None
                     else None,
+                    "kv_cache": None if r.kv_cache is None else kv_cache_document(r.kv_cache),
                 }
                 for i, r in enumerate(pool.replicas)
             ]
@@ -63,3 +65,18 @@ class StatusReport:
             "gateway": {"version": __version__, "uptime_s": round(now - self.started, 1)},
             "models": models,
         }
+
+
+def kv_cache_document(cache: KvCache) -> dict[str, Any]:
+    """Expected (from the slice) and actual (from vLLM) KV cache, in GiB and tokens."""
+
+    def gib(size: float | None) -> float | None:
+        return None if size is None else round(size / GiB, 2)
+
+    return {
+        "expected_gib": gib(cache.expected_bytes),
+        "actual_gib": gib(cache.actual_bytes),
+        "expected_tokens": cache.expected_tokens,
+        "actual_tokens": cache.actual_tokens,
+        "short": cache.short,
+    }

@@ -1,88 +1,108 @@
 #!/usr/bin/env bash
-# The whole GPU check, again, on a clean one-GPU machine (no network needed): the gateway spawns
-# the tiny chat, embedding and reranking models on GPU 0 in memory slices; chat, a stream,
-# embeddings and rerank go through it; one backend is killed and comes back; vLLM's own benchmark
-# client measures direct vs. through the gateway; load/results/gpu-<date>.md gets the numbers.
+# The GPU proof of GPU slices, on a clean one-GPU machine (no network needed), in phases that
+# each fit a 10-minute command; state is kept under $STATE between them.
 #
-# usage, from the repo root on the GPU machine:  load/gpu_check.sh BUNDLE_DIR [OUT_DIR]
-#   BUNDLE_DIR: what ../shared/gpu/prepare.sh built (vLLM 0.24.0 wheel pieces p0..p4 as
-#   /root/vw/part*, dA, dB with the gateway's missing wheels too, models/); vLLM installs into
-#   /root/site. With vLLM already installed, set VLLM_INSTALLED=1.
+# usage, from the repo root on the GPU machine:  load/gpu_check.sh PHASE [BUNDLE]
+#   install BUNDLE  install vLLM 0.24.0 and the gateway's wheels into /root/site (BUNDLE: what
+#                   ../shared/gpu/prepare.sh built, pieces already copied to /root/vw, /root/deps)
+#   shares          build a 7B-shape random model on the GPU; start it alone at 0.3 of GPU 0
+#                   (baseline), then the shared layout: chat-a 0.3 + chat-b 0.3 + tiny-embed 0.1,
+#                   all spawned at once by the gateway (which starts them in turn); the gateway
+#                   keeps running for the next phases
+#   crash           kill -9 what `pkill -9 -f chat-a` hits (its helper and API server, not its
+#                   engine core); chat-b must keep serving, chat-a come back with its share
+#   bench           vLLM's benchmark client on chat-b, direct and through the gateway, three
+#                   alternating rounds each at concurrency 1 and 64
+#   report          load/results/gpu-<date>.md (and a copy in $OUT when set)
 set -euo pipefail
-bundle=$1 out=${2:-load/results}
-mkdir -p "$out"
-work=$(mktemp -d)
-res="$work/results"  # intermediate files; only the report (and logs on failure) land in $out
-mkdir -p "$res"
+phase=$1
+STATE=${STATE:-/root/gpu-check}
+mkdir -p "$STATE/results"
 export PYTHONPATH="/root/site:$PWD" HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 \
   VLLM_NO_USAGE_STATS=1 PYTHONUNBUFFERED=1
+res=$STATE/results
 log() { echo "[gpu-check $(date +%T)] $*"; }
 
-if [ "${VLLM_INSTALLED:-0}" != 1 ]; then
-  log "installing vLLM 0.24.0 and the gateway's wheels into /root/site"
-  (cd "$bundle" && bash serve.sh)
-fi
-python3 -c "import vllm, fastapi, orjson, aiohttp; print('vllm', vllm.__version__)"
-
-models=$(cd "$bundle/models" && pwd)
-cat > "$work/gpu.yaml" <<YAML
+config() {  # name, then models as "name:dir:share[:pooling]"
+  local file=$STATE/$1.yaml; shift
+  cat > "$file" <<YAML
 host: 127.0.0.1
 port: 8000
 api_keys: [sk-gpu-check]
 launcher: [python3, -m, vllm.entrypoints.openai.api_server]
-log_dir: $work/logs
+log_dir: $STATE/logs
 models:
-  - name: tiny-chat
-    aliases: [chat]
-    vllm:
-      model: $models/chat
-      gpus: [0]
-      args: {gpu-memory-utilization: 0.3, enforce-eager: true, dtype: bfloat16, max-model-len: 1024}
-  - name: tiny-embed
-    vllm:
-      model: $models/embed
-      gpus: [0]
-      args: {gpu-memory-utilization: 0.1, enforce-eager: true, dtype: bfloat16, runner: pooling}
-  - name: tiny-rerank
-    vllm:
-      model: $models/rerank
-      gpus: [0]
-      args: {gpu-memory-utilization: 0.1, enforce-eager: true, dtype: bfloat16, runner: pooling}
 YAML
-log "starting the gateway; it spawns three vLLM servers on GPU 0"
-python3 -m gateway serve --config "$work/gpu.yaml" > "$work/gateway.log" 2>&1 &
-gateway=$!
-finish() {
-  code=$?
-  kill $gateway 2>/dev/null; wait $gateway 2>/dev/null || true
-  [ "$code" = 0 ] || tar -czf "$out/gpu-logs.tgz" -C "$work" . 2>/dev/null || true
+  for m in "$@"; do
+    IFS=: read -r name dir share kind <<< "$m"
+    local extra="max-model-len: 4096"
+    [ "$kind" = pooling ] && extra="runner: pooling"
+    cat >> "$file" <<YAML
+  - name: $name
+    vllm:
+      model: $dir
+      gpus: [0]
+      args: {gpu-memory-utilization: $share, enforce-eager: true, dtype: bfloat16, $extra}
+YAML
+  done
+  echo "$file"
 }
-trap finish EXIT
-python3 load/gpu_report.py wait-ready --timeout 420 || { tail -40 "$work/gateway.log"; tail -30 "$work"/logs/*.log; exit 1; }
-nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv > "$res/gpu-nvidia-smi.csv"
-nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv >> "$res/gpu-nvidia-smi.csv"
-python3 load/gpu_report.py check > "$res/gpu-check.json"
-cat "$res/gpu-check.json"
 
-# vLLM's own benchmark client, direct and through the gateway, in the same run.
-read -r direct_port direct_key < <(python3 load/gpu_report.py direct tiny-chat)
-bench() {  # label base_url key concurrency prompts
-  OPENAI_API_KEY=$3 python3 -m vllm.entrypoints.cli.main bench serve --backend openai \
-    --base-url "$2" --endpoint /v1/completions --model tiny-chat --tokenizer "$models/chat" \
-    --dataset-name random --random-input-len 128 --random-output-len 128 --ignore-eos \
-    --num-prompts "$5" --max-concurrency "$4" --save-result --result-dir "$res" \
-    --result-filename "gpu-bench-$1-c$4.json" > "$work/bench-$1-c$4.log" 2>&1 \
-    || { tail -20 "$work/bench-$1-c$4.log"; return 1; }
-  log "bench $1 c=$4 done"
+start_gateway() {  # config file; in its own session, so it outlives this command
+  setsid python3 -m gateway serve --config "$1" > "$STATE/gateway.log" 2>&1 < /dev/null &
+  echo $! > "$STATE/gateway.pid"
 }
-# vLLM's client sends one test prompt first, which warms each path.
-for c in 1 64; do
-  n=$([ "$c" = 1 ] && echo 40 || echo 640)
-  bench direct "http://127.0.0.1:$direct_port" "$direct_key" "$c" "$n"
-  bench gateway "http://127.0.0.1:8000" sk-gpu-check "$c" "$n"
-done
 
-log "killing the embedding server with SIGKILL; the others must keep serving"
-python3 load/gpu_report.py kill-one tiny-embed > "$res/gpu-kill.json"
-python3 load/gpu_report.py report "$res" > "$out/gpu-$(date +%F).md"
-cat "$out/gpu-$(date +%F).md"
+stop_gateway() {
+  [ -f "$STATE/gateway.pid" ] || return 0
+  kill "$(cat "$STATE/gateway.pid")" 2>/dev/null || true
+  while kill -0 "$(cat "$STATE/gateway.pid")" 2>/dev/null; do sleep 1; done
+  rm -f "$STATE/gateway.pid"
+}
+
+ready_or_die() {
+  python3 load/gpu_steps.py wait-ready --timeout "$1" > "$res/$2-ready.json" || {
+    tail -30 "$STATE/gateway.log"; tail -20 "$STATE"/logs/*.log; exit 1; }
+}
+
+case $phase in
+install)
+  (cd "$2" && bash serve.sh)
+  [ ! -d "$2/models" ] || cp -r "$2/models" "$STATE/tiny"
+  python3 -c "import vllm, fastapi, orjson, aiohttp; print('vllm', vllm.__version__)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$res/gpu.txt"
+  ;;
+shares)
+  log "building the 7B-shape model"
+  python3 load/gpu_models.py "$STATE/chat-7b" --tokenizer-from "$STATE/tiny/chat" | tee "$res/model.txt"
+  python3 -m gateway plan --config "$(config plan "chat-a:$STATE/chat-7b:0.3")" > "$res/plan.txt" 2>&1 || true
+  log "baseline: chat-a alone on GPU 0"
+  start_gateway "$(config alone "chat-a:$STATE/chat-7b:0.3")"
+  ready_or_die 400 alone
+  python3 load/gpu_steps.py kv alone > "$res/kv-alone.json"
+  stop_gateway
+  log "shared: chat-a 0.3, chat-b 0.3, tiny-embed 0.1, spawned at once"
+  start_gateway "$(config shared "chat-a:$STATE/chat-7b:0.3" "chat-b:$STATE/chat-7b:0.3" \
+    "tiny-embed:$STATE/tiny/embed:0.1:pooling")"
+  ready_or_die 500 shared
+  python3 load/gpu_steps.py kv shared > "$res/kv-shared.json"
+  grep -E "waiting|KV cache|ready after" "$STATE/gateway.log" > "$res/shared-gateway-lines.txt" || true
+  log "shared layout ready; the gateway keeps running"
+  ;;
+crash)
+  python3 load/gpu_steps.py crash chat-a chat-b > "$res/crash.json"
+  grep -E "exited|waiting for pids|GPU memory|restarting|KV cache|ready after" \
+    "$STATE/gateway.log" | tail -12 > "$res/crash-gateway-lines.txt" || true
+  ;;
+bench)
+  python3 load/gpu_steps.py bench chat-b "$STATE/tiny/chat" "$STATE/bench" > "$res/bench.json"
+  ;;
+report)
+  mkdir -p load/results
+  python3 load/gpu_report.py "$res" > "load/results/gpu-$(date +%F).md"
+  [ -z "${OUT:-}" ] || { cp "load/results/gpu-$(date +%F).md" "$OUT/"; tar -czf "$OUT/gpu-state.tgz" -C "$STATE" results logs gateway.log; }
+  ;;
+*)
+  echo "unknown phase: $phase" >&2; exit 2 ;;
+esac
+log "$phase done"

@@ -1,228 +1,170 @@
-"""Helpers of load/gpu_check.sh: wait for the backends, check the endpoints, kill one, report.
+"""load/results/gpu-<date>.md from what load/gpu_check.sh's phases saved.
 
-Runs on the GPU machine against the gateway on 127.0.0.1:8000 (key sk-gpu-check).
+python3 load/gpu_report.py RESULTS_DIR > load/results/gpu-<date>.md
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-GATEWAY = "http://127.0.0.1:8000"
-HEADERS = {"Authorization": "Bearer sk-gpu-check"}
-TARGET_THROUGHPUT = 0.95  # through the gateway / direct
-TARGET_TTFT_MS = 2.0  # added at p50
+SHARE_TOLERANCE = 0.10  # both generative models within 10% of each other and of alone
+TARGET_THROUGHPUT = 0.95  # gateway / direct, median of the rounds
 
 
-def status() -> dict[str, Any]:
-    return httpx.get(f"{GATEWAY}/status.json", headers=HEADERS, timeout=5).json()  # type: ignore[no-any-return]
+def load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
-def states() -> dict[str, list[str]]:
-    return {m["name"]: [r["state"] for r in m["replicas"]] for m in status()["models"]}
+def text(path: Path) -> str:
+    return path.read_text().strip() if path.exists() else "(missing)"
 
 
-def wait_ready(timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    began = time.monotonic()
-    while time.monotonic() < deadline:
-        try:
-            found = states()
-            if all(s == ["ready"] for s in found.values()):
-                print(f"all ready after {time.monotonic() - began:.0f}s: {found}", flush=True)
-                return 0
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    print("not ready in time", file=sys.stderr)
-    return 1
+def kv_row(label: str, name: str, replica: dict[str, Any]) -> str:
+    kv = replica.get("kv_cache") or {}
 
+    def num(key: str, fmt: str) -> str:
+        return "-" if kv.get(key) is None else format(kv[key], fmt)
 
-def check() -> dict[str, Any]:
-    client = httpx.Client(base_url=GATEWAY, headers=HEADERS, timeout=60)
-    chat = client.post(
-        "/v1/chat/completions",
-        json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+    return (
+        f"| {label} | {name} | {num('expected_gib', '.1f')} | {num('actual_gib', '.1f')} | "
+        f"{num('expected_tokens', ',')} | {num('actual_tokens', ',')} |"
     )
-    with client.stream(
-        "POST",
-        "/v1/chat/completions",
-        json={
-            "model": "tiny-chat",
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 16,
-            "stream": True,
-        },
-    ) as response:
-        events = [line for line in response.iter_lines() if line.startswith("data: ")]
-    embed = client.post("/v1/embeddings", json={"model": "tiny-embed", "input": ["a", "b c"]})
-    rerank = client.post(
-        "/v1/rerank",
-        json={"model": "tiny-rerank", "query": "gpu", "documents": ["a gpu", "a cat", "a dog"]},
+
+
+def shares(out: Path) -> tuple[list[str], list[str]]:
+    alone, shared = load(out / "kv-alone.json"), load(out / "kv-shared.json")
+    lines = [
+        "## KV cache: alone vs. sharing GPU 0 (expected from the slice, actual from vLLM)",
+        "",
+        "| layout | model | expected GiB | actual GiB | expected tokens | actual tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    verdicts: list[str] = []
+    if alone is None or shared is None:
+        return [*lines, "(phase shares did not finish)", ""], ["- shares: NOT RUN"]
+    for label, doc in (("alone", alone), ("shared", shared)):
+        for name, replicas in doc["models"].items():
+            lines += [kv_row(label, name, r) for r in replicas]
+    lines += ["", "nvidia-smi with the shared layout ready:", "", "```"]
+    lines += [f"{p['pid']} {p['name']} {p['mib']:.0f} MiB" for p in shared["nvidia_smi"]]
+    lines += ["```", ""]
+
+    def tokens(doc: dict[str, Any], name: str) -> int:
+        return int(doc["models"][name][0]["kv_cache"]["actual_tokens"])
+
+    base = tokens(alone, "chat-a")
+    a, b = tokens(shared, "chat-a"), tokens(shared, "chat-b")
+    spread = abs(a - b) / max(a, b)
+    worst = max(abs(a - base), abs(b - base)) / base
+    ok = spread <= SHARE_TOLERANCE and worst <= SHARE_TOLERANCE
+    verdicts.append(
+        f"- shares: chat-a {a:,} and chat-b {b:,} tokens, {spread:.1%} apart; alone {base:,}, "
+        f"the farthest {worst:.1%} from it (target <= {SHARE_TOLERANCE:.0%}): "
+        + ("met" if ok else "MISSED")
     )
-    return {
-        "chat": {"status": chat.status_code, "model": chat.json().get("model")},
-        "stream": {"events": len(events), "last": events[-1] if events else None},
-        "embeddings": {
-            "status": embed.status_code,
-            "vectors": len(embed.json().get("data", [])),
-            "dim": len(embed.json()["data"][0]["embedding"]) if embed.status_code == 200 else 0,
-        },
-        "rerank": {
-            "status": rerank.status_code,
-            "order": [r["index"] for r in rerank.json().get("results", [])],
-        },
-    }
+    return lines, verdicts
 
 
-def server(name: str) -> tuple[int, list[str]]:
-    """The pid and command line of the vLLM server serving ``name`` (not its reaper)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().decode().split("\0")
-        except OSError:
-            continue
-        if (
-            "vllm.entrypoints.openai.api_server" in argv
-            and "backends.reaper" not in argv
-            and name in argv
-        ):
-            return int(entry.name), argv
-    raise LookupError(f"no vLLM server for {name}")
+def crash(out: Path) -> tuple[list[str], list[str]]:
+    doc = load(out / "crash.json")
+    lines = ["## kill -9 of chat-a's helper and API server (what `pkill -9 -f chat-a` hits)", ""]
+    if doc is None:
+        return [*lines, "(phase crash did not run)", ""], ["- crash: NOT RUN"]
+    before = doc["before"]["models"]["chat-a"][0]["kv_cache"]["actual_tokens"]
+    after = doc["after"]["models"]["chat-a"][0]["kv_cache"]["actual_tokens"]
+    served = doc["chat-b_statuses_meanwhile"]
+    lines += [
+        f"- tree before: {doc['tree_before']} (killed {doc['killed']})",
+        f"- whole tree gone after {doc['tree_gone_after_s']} s; its GPU memory free after "
+        f"{doc['gpu_memory_free_after_s']} s; chat-a ready again after {doc['back_after_s']} s",
+        f"- chat-b meanwhile: {served}; chat-a's first chat after: {doc['first_chat_after']}",
+        f"- chat-a KV cache: {before:,} tokens before, {after:,} after",
+        "",
+        "Gateway log lines:",
+        "",
+        "```",
+        text(out / "crash-gateway-lines.txt"),
+        "```",
+        "",
+    ]
+    ok = (
+        doc["back_after_s"] is not None
+        and set(served) == {"200"}
+        and abs(after - before) <= SHARE_TOLERANCE * before
+    )
+    verdict = "met" if ok else "MISSED"
+    return lines, [
+        f"- crash: back with {after / before:.1%} of its share, chat-b {served}: {verdict}"
+    ]
 
 
-def kill_one(name: str) -> dict[str, Any]:
-    pid, _ = server(name)
-    os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
-    others: dict[int, int] = {}
-    back = None
-    while time.monotonic() - killed < 300:
-        chat = httpx.post(
-            f"{GATEWAY}/v1/chat/completions",
-            json={
-                "model": "tiny-chat",
-                "messages": [{"role": "user", "content": "x"}],
-                "max_tokens": 4,
-            },
-            headers=HEADERS,
-            timeout=30,
+def bench(out: Path) -> tuple[list[str], list[str]]:
+    doc = load(out / "bench.json")
+    lines = ["## vLLM's benchmark client on chat-b (random 128 in / 128 out, streaming)", ""]
+    if doc is None:
+        return [*lines, "(phase bench did not run)", ""], ["- bench: NOT RUN"]
+    lines += [
+        "Direct and through the gateway take turns, the first of each round alternating; "
+        "medians of the rounds, with the range.",
+        "",
+        "| concurrency | path | rounds | output tok/s (median) | range | TTFT p50 ms (median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for row in doc["summary"]:
+        for path in ("direct", "gateway"):
+            r = row[path]
+            low, high = r["output_tok_s_range"]
+            lines.append(
+                f"| {row['concurrency']} | {path} | {r['rounds']} | "
+                f"{r['output_tok_s_median']:.0f} | {low:.0f}-{high:.0f} | "
+                f"{r['ttft_p50_ms_median']:.2f} |"
+            )
+        added = row["gateway"]["ttft_p50_ms_median"] - row["direct"]["ttft_p50_ms_median"]
+        verdicts.append(
+            f"- bench c={row['concurrency']}: gateway/direct {row['ratio']:.3f} "
+            f"(target >= {TARGET_THROUGHPUT}), added TTFT p50 {added:+.2f} ms: "
+            + ("met" if row["ratio"] >= TARGET_THROUGHPUT else "MISSED")
         )
-        others[chat.status_code] = others.get(chat.status_code, 0) + 1
-        if states()[name] == ["ready"] and time.monotonic() - killed > 3:
-            back = time.monotonic() - killed
-            break
-        time.sleep(0.5)
-    model = next(m for m in status()["models"] if m["name"] == name)
-    return {
-        "killed_pid": pid,
-        "chat_statuses_meanwhile": others,
-        "back_after_s": None if back is None else round(back, 1),
-        "restarts": model["replicas"][0]["restarts"],
-    }
+    lines += ["", "Every round:", "", "```"]
+    lines += [json.dumps(run) for run in doc["runs"]]
+    return [*lines, "```", ""], verdicts
 
 
 def report(out: Path) -> str:
-    lines = [f"# GPU check, {time.strftime('%Y-%m-%d')}", ""]
-    smi = (out / "gpu-nvidia-smi.csv").read_text()
-    lines += ["Command: `load/gpu_check.sh BUNDLE` (this file is its output).", ""]
-    lines += [
-        "## Endpoints through the gateway",
+    lines = [
+        f"# GPU check, {time.strftime('%Y-%m-%d')}",
         "",
-        "```json",
-        (out / "gpu-check.json").read_text().strip(),
+        "Command: `load/gpu_check.sh PHASE` for install, shares, crash, bench, report (this file"
+        " is the last phase's output).",
+        "",
+        f"- GPU: {text(out / 'gpu.txt')}",
+        f"- model: {text(out / 'model.txt')}",
+        "",
+        "`vllm-gateway plan` for chat-a alone:",
+        "",
+        "```",
+        text(out / "plan.txt"),
+        "```",
+        "",
+        "The gateway's lines while it started the shared layout (turns and share checks):",
+        "",
+        "```",
+        text(out / "shared-gateway-lines.txt"),
         "```",
         "",
     ]
-    lines += [
-        "## GPU memory (nvidia-smi, all three backends ready)",
-        "",
-        "```",
-        smi.strip(),
-        "```",
-        "",
-    ]
-    lines += [
-        "Slices asked for: tiny-chat 0.3, tiny-embed 0.1, tiny-rerank 0.1 of the GPU. vLLM fills "
-        "a generating model's slice with KV cache; pooling models (embed, rerank) have none, so "
-        "they take only what their weights and activations need, well inside their slice.",
-        "",
-    ]
-    lines += [
-        "## Killing tiny-embed with SIGKILL",
-        "",
-        "```json",
-        (out / "gpu-kill.json").read_text().strip(),
-        "```",
-        "",
-    ]
-    lines += ["## vLLM's benchmark client (random 128 in / 128 out, streaming /v1/completions)", ""]
-    lines += [
-        "| concurrency | path | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | done |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    verdicts = []
-    for c in (1, 64):
-        rows = {}
-        for path in ("direct", "gateway"):
-            file = out / f"gpu-bench-{path}-c{c}.json"
-            if not file.exists():
-                continue
-            r = json.loads(file.read_text())
-            rows[path] = r
-            lines.append(
-                f"| {c} | {path} | {r['output_throughput']:.0f} | {r['median_ttft_ms']:.2f} | "
-                f"{r['p99_ttft_ms']:.2f} | {r.get('median_itl_ms', 0):.2f} | {r['completed']} |"
-            )
-        if len(rows) == 2:
-            ratio = rows["gateway"]["output_throughput"] / rows["direct"]["output_throughput"]
-            added = rows["gateway"]["median_ttft_ms"] - rows["direct"]["median_ttft_ms"]
-            ok = ratio >= TARGET_THROUGHPUT and added <= TARGET_TTFT_MS
-            verdicts.append(
-                f"- c={c}: gateway/direct throughput {ratio:.3f} (target >= {TARGET_THROUGHPUT}), "
-                f"added TTFT p50 {added:+.2f} ms (target <= {TARGET_TTFT_MS}): "
-                + ("met" if ok else "MISSED")
-            )
-    lines += ["", *verdicts, ""]
-    return "\n".join(lines)
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    wait = sub.add_parser("wait-ready")
-    wait.add_argument("--timeout", type=float, default=420)
-    sub.add_parser("check")
-    kill = sub.add_parser("kill-one")
-    kill.add_argument("name")
-    direct = sub.add_parser("direct", help="print the port and key of a backend")
-    direct.add_argument("name")
-    rep = sub.add_parser("report")
-    rep.add_argument("out", type=Path)
-    args = parser.parse_args()
-    if args.cmd == "wait-ready":
-        return wait_ready(args.timeout)
-    if args.cmd == "check":
-        print(json.dumps(check(), indent=2))
-    elif args.cmd == "direct":
-        _, argv = server(args.name)
-        print(argv[argv.index("--port") + 1], argv[argv.index("--api-key") + 1])
-    elif args.cmd == "kill-one":
-        print(json.dumps(kill_one(args.name), indent=2))
-    else:
-        print(report(args.out))
-    return 0
+    verdicts: list[str] = []
+    for part in (shares, crash, bench):
+        more, said = part(out)
+        lines += more
+        verdicts += said
+    return "\n".join([*lines, "## Verdicts", "", *verdicts, ""])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    print(report(Path(sys.argv[1])))

@@ -4,13 +4,35 @@ from __future__ import annotations
 
 import signal
 
+import httpx
 import pytest
 
-from tests.integration.spawned import embed, ok, vllm_servers
+from tests.integration.spawned import AUTH, chat, embed, ok, vllm_servers
 from tests.servers import alive, descendants, wait_until
 from tests.vllm_rig import READY_TIMEOUT, VllmRig
 
 pytestmark = pytest.mark.vllm
+
+
+def test_each_spawned_server_got_the_kv_cache_its_slice_gives(rig: VllmRig) -> None:
+    """On the CPU build the slice is VLLM_CPU_KVCACHE_SPACE (1 GiB here): what vLLM reports
+    must match what the gateway expects, and both show in /status.json and /metrics."""
+    gw = rig.spawned["mixed"]
+    wait_until(lambda: ok(lambda: chat(gw, "spawned-chat")), READY_TIMEOUT, "spawned-chat", every=1)
+    doc = httpx.get(f"{gw.url}/status.json", headers=AUTH, timeout=10).json()
+    (model,) = [m for m in doc["models"] if m["name"] == "spawned-chat"]
+    for replica in model["replicas"]:
+        kv = replica["kv_cache"]
+        assert kv["expected_gib"] == 1.0
+        assert kv["expected_tokens"] == 2**30 // (2 * 2 * 2 * 64 * 4)  # layers, heads, dim, fp32
+        assert abs(kv["actual_tokens"] - kv["expected_tokens"]) <= 0.1 * kv["expected_tokens"]
+        assert kv["short"] is False
+    metrics = httpx.get(f"{gw.url}/metrics", headers=AUTH, timeout=10).text
+    assert 'vllm_gateway_kv_cache_tokens{kind="actual",model="spawned-chat",replica="0"}' in (
+        metrics
+    )
+    (embedder,) = [m for m in doc["models"] if m["name"] == "tiny-embed"]
+    assert embedder["replicas"][0]["kv_cache"] is None  # connect mode: not the gateway's slice
 
 
 def test_sigterm_to_gateway_stops_every_vllm_process(rig: VllmRig) -> None:
