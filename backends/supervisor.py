@@ -187,6 +187,8 @@ class Supervisor:
             actual_tokens=kv_cache.tokens_from_metrics(text),
             bytes_per_token=kv_cache.bytes_per_token(spec),
         )
+        if cache.expected_bytes is None and cache.actual_tokens is None:
+            return  # nothing known on either side: nothing to show
         replica.kv_cache = cache
         if cache.short:
             log.warning(

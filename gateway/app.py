@@ -1,9 +1,9 @@
 """The application factory: settings in, one ASGI app out. No globals, no work at import.
 
-Layers, outermost first: CORS (when configured), API keys (when configured), then a dispatcher
-that sends the relayed paths straight to the pure-ASGI relay and everything else (health, the
-model list, metrics, status, errors for unknown paths) to the control API, which owns the
-lifespan.
+Layers, outermost first: CORS (when configured), access (API keys, and who may read the ops
+surfaces: ``gateway.auth``), then a dispatcher that sends the relayed paths straight to the
+pure-ASGI relay and everything else (health, the model list, metrics, status, errors for
+unknown paths) to the control API, which owns the lifespan.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from backends.load import LoadScraper
 from backends.pool import Ejection, Replica, ReplicaPool
 from backends.supervisor import Supervisor
 from gateway.access_log import AccessLog
-from gateway.auth import OPEN_PATHS, APIKeyMiddleware
+from gateway.auth import AccessMiddleware, access_policy
 from gateway.catalog import ModelCatalog
 from gateway.control import ControlParts, control_api
 from gateway.keys import KeyRing, key_ring
@@ -90,9 +90,8 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
         ControlParts(ModelCatalog(table, clients), telemetry, status, clients), lifespan
     )
     app: ASGIApp = Dispatcher(relay, api)
-    if keys.enabled:
-        opened = {path for name in settings.open_endpoints for path in OPENABLE[name]}
-        app = APIKeyMiddleware(app, keys, ALWAYS_OPEN | opened, on_refused=telemetry.refused)
+    needs = access_policy(frozenset(settings.open_endpoints))
+    app = AccessMiddleware(app, keys, needs, on_refused=telemetry.refused)
     if settings.cors is not None:
         app = CORSMiddleware(
             app,
@@ -142,12 +141,6 @@ def access_log(settings: GatewaySettings) -> AccessLog | None:
     if settings.access_log and settings.log_level in ("info", "debug"):
         return AccessLog(settings.log_format)
     return None
-
-
-# Served without a key: /status is a page that holds no data until it has read /status.json.
-ALWAYS_OPEN = OPEN_PATHS | {"/status"}
-# Paths a config may serve without a key too (`open_endpoints`).
-OPENABLE = {"metrics": {"/metrics"}, "status": {"/status.json"}}
 
 
 def reload_on_sighup(keys: KeyRing) -> None:

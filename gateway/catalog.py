@@ -1,4 +1,7 @@
-"""`GET /v1/models`: every name a client may send, in OpenAI's list shape.
+"""`GET /v1/models` and `/v1/models/{id}`: the names a client may send, in OpenAI's shapes.
+
+A name outside a key's allow-list is not found, by the same code path and with the same
+message as a name that does not exist.
 
 Each backend's context length (`max_model_len`) is asked of the backend once, off the request
 path of the relay, and remembered; a backend that does not answer is listed without it.
@@ -28,23 +31,32 @@ class ModelCatalog:
 
     async def listing(self, allowed: frozenset[str] | None = None) -> dict[str, Any]:
         """The models a key may use (all when ``allowed`` is None)."""
+        await self._learn_max_lens()
+        return {"object": "list", "data": [self._card(n) for n in self.table.names_for(allowed)]}
+
+    async def card(self, name: str, allowed: frozenset[str] | None = None) -> dict[str, Any]:
+        """One model a key may use; ModelNotFound otherwise, as the relay says it."""
+        self.table.resolve(name, allowed)
+        await self._learn_max_lens()
+        return self._card(name)
+
+    async def _learn_max_lens(self) -> None:
         await asyncio.gather(
             *(self._learn_max_len(p) for p in self.table.pools if p.max_model_len is None)
         )
-        data = []
-        for name in self.table.names_for(allowed):
-            pool = self.table.resolve(name).pool
-            card: dict[str, Any] = {
-                "id": name,
-                "object": "model",
-                "created": self.created,
-                "owned_by": "vllm-gateway",
-                "root": pool.name,
-            }
-            if pool.max_model_len is not None:
-                card["max_model_len"] = pool.max_model_len
-            data.append(card)
-        return {"object": "list", "data": data}
+
+    def _card(self, name: str) -> dict[str, Any]:
+        pool = self.table.resolve(name).pool
+        card: dict[str, Any] = {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "vllm-gateway",
+            "root": pool.name,
+        }
+        if pool.max_model_len is not None:
+            card["max_model_len"] = pool.max_model_len
+        return card
 
     async def _learn_max_len(self, pool: ReplicaPool) -> None:
         replica = pool.pick()

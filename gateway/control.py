@@ -1,5 +1,7 @@
 """The gateway's own endpoints: health, the model list, metrics and the status page.
 
+Who may call which is decided before a request gets here (``gateway.auth``).
+
 A small FastAPI app behind the dispatcher; the relayed paths never reach it. Its errors use the
 same OpenAI shape as the relay's, and prometheus-fastapi-instrumentator counts its requests
 (the relayed ones are counted by ``gateway.metrics``, with model and key labels).
@@ -62,6 +64,12 @@ def control_api(parts: ControlParts, lifespan: Any) -> FastAPI:
         key: ApiKey | None = request.scope.get(SCOPE_KEY)
         listing = await parts.catalog.listing(key.models if key is not None else None)
         return Response(orjson.dumps(listing), media_type="application/json")
+
+    @api.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request) -> Response:
+        key: ApiKey | None = request.scope.get(SCOPE_KEY)
+        card = await parts.catalog.card(name, key.models if key is not None else None)
+        return Response(orjson.dumps(card), media_type="application/json")
 
     @api.get("/metrics")
     async def metrics() -> Response:

@@ -9,6 +9,7 @@ status, the OpenAI ``type`` and ``code``. Nothing chooses a status by reading me
     │   ├── InvalidBody               400   code invalid_body (valid JSON, not an object)
     │   └── InvalidModel              400   code invalid_model (param model)
     ├── AuthenticationFailed          401 authentication_error / invalid_api_key
+    ├── PermissionDenied              403 permission_error / insufficient_permissions
     ├── ModelNotFound                 404 invalid_request_error / model_not_found
     ├── RouteNotFound                 404 invalid_request_error / not_found
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed
@@ -83,6 +84,12 @@ class AuthenticationFailed(GatewayError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "insufficient_permissions"
 
 
 class ModelNotFound(GatewayError):

@@ -1,7 +1,8 @@
 """API keys: who a request comes from, which models it may reach, and how fast.
 
 Keys come from three places, all active at once: the config's `api_keys`, the environment
-(VLLM_GATEWAY_API_KEYS, comma-separated) and an optional keys file. Only SHA-256 digests are
+(VLLM_GATEWAY_API_KEYS, and VLLM_GATEWAY_MONITOR_KEYS for monitor keys, comma-separated) and an
+optional keys file. Admin keys come from the config or the keys file only. Only SHA-256 digests are
 kept in memory; a presented key is hashed and its digest looked up in a dict. That lookup's
 timing can say something about a digest, never about a key (SHA-256 has no known preimage
 attack), and unlike comparing against every key it costs the same for 3 keys or 20,000. The
@@ -34,9 +35,8 @@ class ApiKey:
     models: frozenset[str] | None  # canonical model names; None: every model
     requests_per_minute: int | None = None
     max_concurrent: int | None = None
-
-    def allows(self, model: str) -> bool:
-        return self.models is None or model in self.models
+    admin: bool = False  # everything, /admin/* included
+    monitor: bool = False  # the ops surfaces (metrics, status), read only
 
     @property
     def limited(self) -> bool:
@@ -71,10 +71,6 @@ class KeyRing:
     def enabled(self) -> bool:
         """Whether keys are required at all: an empty keys file still locks the gateway."""
         return bool(self._static) or self._path is not None
-
-    @property
-    def names(self) -> list[str]:
-        return [key.name for key in self._keys]
 
     def identify(self, presented: bytes) -> ApiKey | None:
         return self._by_digest.get(digest(presented))
@@ -160,7 +156,15 @@ def api_key(entry: KeySettings, canonical: Mapping[str, str]) -> ApiKey:
         else bytes.fromhex(entry.sha256 or "")
     )
     models = None if entry.models is None else frozenset(canonical[m] for m in entry.models)
-    return ApiKey(entry.name, secret, models, entry.requests_per_minute, entry.max_concurrent)
+    return ApiKey(
+        entry.name,
+        secret,
+        models,
+        entry.requests_per_minute,
+        entry.max_concurrent,
+        admin=entry.admin,
+        monitor=entry.monitor or entry.admin,
+    )
 
 
 def _problems(

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 API_KEYS_ENV = "VLLM_GATEWAY_API_KEYS"
+MONITOR_KEYS_ENV = "VLLM_GATEWAY_MONITOR_KEYS"  # keys that may read the ops surfaces
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 # What a `vllm serve` flag value may be in YAML: scalars, lists and JSON objects.
@@ -183,11 +184,15 @@ class KeySettings(_Strict):
     models: list[str] | None = Field(None, description="names or aliases; all when absent")
     requests_per_minute: int | None = Field(None, gt=0)
     max_concurrent: int | None = Field(None, gt=0)
+    admin: bool = Field(False, description="sees and does everything, /admin/* included")
+    monitor: bool = Field(False, description="reads the ops surfaces (metrics, status)")
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeySettings:
         if (self.key is None) == (self.sha256 is None):
             raise ValueError("give either `key` or `sha256` (the key's SHA-256, in hex)")
+        if self.admin and self.models is not None:
+            raise ValueError("an admin key sees every model: leave out `models`")
         return self
 
 
@@ -219,8 +224,9 @@ class GatewaySettings(_Strict):
         default_factory=list, description="a plain string is a key named config-1, config-2, ..."
     )
     keys_file: str | None = None
-    open_endpoints: list[Literal["metrics", "status"]] = Field(
-        default_factory=list, description="served without a key (/health always is)"
+    open_endpoints: list[Literal["metrics", "status", "backend_metrics"]] = Field(
+        default_factory=list,
+        description="ops surfaces served without a key (/health always is; /admin/* never)",
     )
     models: list[ModelSettings] = Field(min_length=1)
     timeouts: Timeouts = Field(default_factory=lambda: Timeouts())
@@ -263,7 +269,11 @@ class GatewaySettings(_Strict):
                         f"models[{owner[name]}] ({first})"
                     )
                 owner.setdefault(name, i)
+        named: set[str] = set()
         for entry in self.api_keys:
+            if entry.name in named:
+                problems.append(f"api_keys.{entry.name}: the name is used twice")
+            named.add(entry.name)
             problems += [
                 f"api_keys.{entry.name}: model {name!r} is not configured"
                 for name in entry.models or []
@@ -330,10 +340,12 @@ def settings_from_dict(
 ) -> GatewaySettings:
     data = dict(raw)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    env_keys = (os.environ if env is None else env).get(API_KEYS_ENV, "")
+    environ = os.environ if env is None else env
     extra_keys = [
-        {"name": f"env-{i}", "key": key}
-        for i, key in enumerate((k.strip() for k in env_keys.split(",") if k.strip()), 1)
+        {"name": f"env-{i}", "key": key} for i, key in enumerate(_listed(environ, API_KEYS_ENV), 1)
+    ] + [
+        {"name": f"monitor-{i}", "key": key, "monitor": True}
+        for i, key in enumerate(_listed(environ, MONITOR_KEYS_ENV), 1)
     ]
     if extra_keys:
         data["api_keys"] = [*(data.get("api_keys") or []), *extra_keys]
@@ -341,6 +353,11 @@ def settings_from_dict(
         return GatewaySettings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, _describe(exc)) from None
+
+
+def _listed(environ: Mapping[str, str], name: str) -> list[str]:
+    """A comma-separated list from the environment, blanks dropped."""
+    return [k.strip() for k in environ.get(name, "").split(",") if k.strip()]
 
 
 def _describe(exc: ValidationError) -> list[str]:

@@ -81,7 +81,8 @@ def crash(out: Path) -> tuple[list[str], list[str]]:
         f"- tree before: {doc['tree_before']} (killed {doc['killed']})",
         f"- whole tree gone after {doc['tree_gone_after_s']} s; its GPU memory free after "
         f"{doc['gpu_memory_free_after_s']} s; chat-a ready again after {doc['back_after_s']} s",
-        f"- chat-b meanwhile: {served}; chat-a's first completion after: {doc['first_completion_after']}",
+        f"- chat-b meanwhile: {served}; chat-a's first completion after: "
+        f"{doc['first_completion_after']}",
         f"- chat-a KV cache: {before:,} tokens before, {after:,} after",
         "",
         "Gateway log lines:",

@@ -104,7 +104,7 @@ class VllmRig:
         config = {
             "launcher": ["python", "-m", "vllm.entrypoints.openai.api_server"],
             "log_dir": str(ARTIFACTS / f"spawned-{label}"),
-            "api_keys": ["sk-spawn"],
+            "api_keys": [{"name": "ops", "key": "sk-spawn", "admin": True}],
             "models": models,
         }
         self.spawned[label] = GatewayProcess(config, ARTIFACTS)

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.metrics import GatewayMetrics
 from tests.servers import FakeBackend, GatewayServer, gateway_settings
 
-KEYS = [{"name": "team-a", "key": "sk-a"}, {"name": "ops", "key": "sk-ops"}]
+KEYS = [{"name": "team-a", "key": "sk-a"}, {"name": "ops", "key": "sk-ops", "monitor": True}]
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -14,6 +14,7 @@ from tests.servers import GatewayProcess
 from tests.vllm_rig import ARTIFACTS
 
 KEY = "sk-integration"
+MONITOR_KEY = "sk-integration-monitor"  # reads /metrics and the backends' metrics
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +26,7 @@ def gateway(vllm: dict[str, str]) -> Iterator[GatewayProcess]:
         {"name": "tiny-rerank", "url": vllm["tiny-rerank"]},
         {"name": "nobody-home", "url": "http://127.0.0.1:9"},  # nothing listens on port 9
     ]
-    server = GatewayProcess({"models": models, "api_keys": [KEY]}, ARTIFACTS)
+    keys = [KEY, {"name": "dashboards", "key": MONITOR_KEY, "monitor": True}]
+    server = GatewayProcess({"models": models, "api_keys": keys}, ARTIFACTS)
     yield server
     server.close()

@@ -14,8 +14,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import KEY
+from tests.integration.conftest import KEY, MONITOR_KEY
 from tests.servers import GatewayProcess
+
+MONITOR = {"Authorization": f"Bearer {MONITOR_KEY}"}
 
 pytestmark = pytest.mark.vllm
 VOLATILE = {"id", "created", "request_id"}
@@ -124,7 +126,7 @@ def test_stream_without_usage_is_exactly_vllms_and_counts_no_tokens(
 
 
 def tokens_counted(gateway: GatewayProcess) -> float:
-    text = httpx.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    text = httpx.get(f"{gateway.url}/metrics", headers=MONITOR).text
     wanted = {"model": "tiny-chat", "key": "config-1", "kind": "completion"}
     return sum(
         sample.value
@@ -135,9 +137,7 @@ def tokens_counted(gateway: GatewayProcess) -> float:
 
 
 def test_backend_metrics_are_relayed(gateway: GatewayProcess) -> None:
-    response = httpx.get(
-        f"{gateway.url}/backends/tiny-chat/metrics", headers={"Authorization": f"Bearer {KEY}"}
-    )
+    response = httpx.get(f"{gateway.url}/backends/tiny-chat/metrics", headers=MONITOR)
     assert response.status_code == 200
     assert "vllm:num_requests_running{" in response.text
 
