@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from backends.pool import BackendState, Replica
+from backends.lifecycle import BackendState
+from backends.pool import Replica
 
 log = logging.getLogger("vllm_gateway.health")
 
@@ -92,10 +93,10 @@ class HealthChecker:
             replica.health_latency = time.monotonic() - began
             passed, failed = (passed + 1, 0) if ok else (0, failed + 1)
             if replica.state is BackendState.READY and failed >= policy.unhealthy_threshold:
-                replica.state, replica.ready_since = BackendState.UNHEALTHY, None
+                replica.move(BackendState.UNHEALTHY)
                 log.warning("%s at %s: unhealthy after %d failed checks", name, replica.url, failed)
             elif replica.state is not BackendState.READY and passed >= policy.healthy_threshold:
-                replica.state, replica.ready_since = BackendState.READY, time.monotonic()
+                replica.move(BackendState.READY)
                 replica.note_success()
                 log.info("%s at %s: healthy again, admitted", name, replica.url)
             await asyncio.sleep(policy.interval)

@@ -1,10 +1,11 @@
 """Replicas of one model and the choice between them.
 
-A replica is one vLLM server. Its ``state`` is written by whoever watches it (the process
-supervisor in spawn mode, the health checker in connect mode) and read by the gateway on every
-request, so it is a plain attribute, not a lock-guarded structure: everything here runs on one
-event loop. Besides its state, a replica can be *ejected* for a cool-down after failing requests
-(passive health checking), which takes it out of the choice without waiting for a health check.
+A replica is one vLLM server. Its ``state`` has one writer (the process supervisor in spawn
+mode, the health checker in connect mode), which changes it through ``move`` along the
+transitions of ``backends.lifecycle``; the gateway reads it on every request. Everything here
+runs on one event loop, so no lock guards it. Besides its state, a replica can be *ejected* for
+a cool-down after failing requests (passive health checking), which takes it out of the choice
+without waiting for a health check. A request holds a replica through a ``Lease``.
 """
 
 from __future__ import annotations
@@ -13,22 +14,13 @@ import hashlib
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Literal
 
+from backends import lifecycle
 from backends.kv_cache import KvCache
+from backends.lifecycle import ON_ITS_WAY, BackendState
 
 Policy = Literal["least_outstanding", "vllm_metrics", "affinity"]
-
-
-class BackendState(StrEnum):
-    WAITING = "waiting"  # for its start-up turn on a GPU it shares (spawn mode)
-    LOADING = "loading"
-    READY = "ready"
-    UNHEALTHY = "unhealthy"  # failing its health checks (connect mode)
-    RESTARTING = "restarting"
-    FAILED = "failed"
-    STOPPED = "stopped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +55,8 @@ class Replica:
     ejected_until: float = 0.0  # time.monotonic(); 0 when not ejected
     # What its watcher learnt, for /metrics and the status page.
     restarts: int = 0
-    ready_since: float | None = None  # time.monotonic()
+    ready_since: float | None = None  # time.monotonic(), while ready
+    state_since: float = field(default_factory=time.monotonic)
     health_latency: float | None = None  # seconds, last health check
     gpus: tuple[int, ...] = ()
     load: VllmLoad | None = None  # from the replica's own /metrics (policy vllm_metrics)
@@ -74,6 +67,18 @@ class Replica:
         if self.state is not BackendState.READY:
             return False
         return not self.ejected_until or time.monotonic() >= self.ejected_until
+
+    def move(self, to: BackendState) -> None:
+        """The one way to change the state (by its one writer); see ``backends.lifecycle``."""
+        lifecycle.check(self.state, to)
+        if to is self.state:
+            return
+        now = time.monotonic()
+        self.state, self.state_since = to, now
+        self.ready_since = now if to is BackendState.READY else None
+
+    def lease(self, pool: ReplicaPool) -> Lease:
+        return Lease(self, pool)
 
     def note_failure(self) -> None:
         self.failures += 1
@@ -132,10 +137,40 @@ class ReplicaPool:
     @property
     def loading(self) -> bool:
         """True while no replica is ready yet but one is on its way (so clients should retry)."""
-        return any(r.state in _ON_ITS_WAY for r in self.replicas)
+        return any(r.state in ON_ITS_WAY for r in self.replicas)
 
 
-_ON_ITS_WAY = frozenset({BackendState.WAITING, BackendState.LOADING, BackendState.RESTARTING})
+class Lease:
+    """One request's hold on a replica, and on its pool's open streams once it streams:
+    taken when the request is sent, given back exactly once (as the Rust router's
+    WorkerLoadGuard does on drop), whichever way the request ends."""
+
+    __slots__ = ("pool", "replica", "streaming")
+
+    def __init__(self, replica: Replica, pool: ReplicaPool) -> None:
+        self.replica: Replica | None = replica
+        self.pool = pool
+        self.streaming = False
+        replica.in_flight += 1
+
+    def stream(self) -> None:
+        if not self.streaming and self.replica is not None:
+            self.streaming = True
+            self.pool.open_streams += 1
+
+    def release(self) -> None:
+        if self.replica is None:
+            return
+        self.replica.in_flight -= 1
+        if self.streaming:
+            self.pool.open_streams -= 1
+        self.replica = None
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
 
 
 def _in_flight(replica: Replica) -> float:

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,20 +25,30 @@ from backends import kv_cache
 from backends.gpu_turns import GpuTurns
 from backends.gpus import gpu_memory_holders
 from backends.health import is_healthy, is_ready
-from backends.pool import BackendState, Replica
+from backends.lifecycle import BackendState
+from backends.pool import Replica
 from backends.process import BackendProcess, free_port
 from backends.spec import VllmSpec
 
 log = logging.getLogger("vllm_gateway.supervisor")
+HTTP_TIMEOUT = 5.0  # readiness polls and the KV cache read; health checks have their own
+
+
+@dataclass(frozen=True)
+class SpawnHealth:
+    """How a ready server is watched: /health every ``interval`` seconds; ``failures`` failed
+    checks in a row (each given ``timeout`` seconds) restart it."""
+
+    interval: float = 5.0
+    timeout: float = 5.0
+    failures: int = 3
 
 
 @dataclass(frozen=True)
 class SupervisorTimings:
     startup_timeout: float = 1800.0  # big models take many minutes to load
     poll_interval: float = 1.0  # while loading
-    health_interval: float = 5.0  # once ready
-    health_failures: int = 3  # in a row, before a restart
-    health_timeout: float = 5.0
+    health: SpawnHealth = SpawnHealth()  # per model: `models[].health` in the config
     backoff_base: float = 2.0
     backoff_cap: float = 60.0
     max_restarts: int = 5  # in a row without becoming ready; then the backend is failed
@@ -52,8 +62,8 @@ class Backend:
     spec: VllmSpec
     replica: Replica
     process: BackendProcess
+    health: SpawnHealth
     task: asyncio.Task[None] | None = None
-    waiting_since: float = 0.0  # time.monotonic(), while waiting for a GPU turn
 
 
 class Supervisor:
@@ -64,8 +74,10 @@ class Supervisor:
         log_dir: str | Path = "logs",
         timings: SupervisorTimings | None = None,
         gpu_memory: float | None = None,
+        health: Mapping[str, SpawnHealth] | None = None,
     ) -> None:
-        """``gpu_memory``: bytes per GPU, for the KV cache a slice should give."""
+        """``gpu_memory``: bytes per GPU, for the KV cache a slice should give; ``health``:
+        per model name, where it differs from ``timings.health``."""
         self.timings = timings or SupervisorTimings()
         self.turns = GpuTurns()
         self.gpu_memory = gpu_memory
@@ -73,7 +85,8 @@ class Supervisor:
         for spec in specs:
             replica = Replica(url="", state=BackendState.STOPPED, gpus=tuple(spec.gpus))
             process = BackendProcess(spec.label, Path(log_dir) / f"{spec.label}.log")
-            self.backends[spec.label] = Backend(spec, replica, process)
+            checks = (health or {}).get(spec.name, self.timings.health)
+            self.backends[spec.label] = Backend(spec, replica, process, checks)
         self._client: httpx.AsyncClient | None = None
         self._progress: asyncio.Task[None] | None = None
 
@@ -83,9 +96,8 @@ class Supervisor:
     async def start(self) -> None:
         if not self.backends:
             return
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.timings.health_timeout))
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(HTTP_TIMEOUT))
         for backend in self.backends.values():
-            backend.replica.state = BackendState.LOADING
             backend.task = asyncio.create_task(
                 self._run(backend), name=f"backend:{backend.spec.label}"
             )
@@ -102,7 +114,7 @@ class Supervisor:
             *(b.process.stop(self.timings.stop_grace) for b in self.backends.values())
         )
         for backend in self.backends.values():
-            backend.replica.state = BackendState.STOPPED
+            backend.replica.move(BackendState.STOPPED)
         if self._client is not None:
             await self._client.aclose()
 
@@ -115,7 +127,7 @@ class Supervisor:
                 await self._gpu_memory_freed(backend.spec.label, pids)
             failures_in_a_row = 0 if became_ready else failures_in_a_row + 1
             if failures_in_a_row > self.timings.max_restarts:
-                backend.replica.state = BackendState.FAILED
+                backend.replica.move(BackendState.FAILED)
                 log.error(
                     "%s: failed %d times in a row; giving up. Last log lines (%s):\n  %s",
                     backend.spec.label,
@@ -125,7 +137,7 @@ class Supervisor:
                 )
                 return
             backend.replica.restarts += 1
-            backend.replica.state = BackendState.RESTARTING
+            backend.replica.move(BackendState.RESTARTING)
             delay = min(
                 self.timings.backoff_cap,
                 self.timings.backoff_base * 2 ** max(0, failures_in_a_row - 1),
@@ -143,8 +155,8 @@ class Supervisor:
         spec, replica = backend.spec, backend.replica
         if not await self._start_in_turn(backend):
             return False
-        replica.state = BackendState.READY
-        replica.ready_since = time.monotonic()
+        replica.move(BackendState.READY)
+        assert replica.ready_since is not None
         backend.process.tree()  # the engine core and workers exist now: remember them
         log.info(
             "%s: ready after %.0fs", spec.label, replica.ready_since - backend.process.started_at
@@ -152,19 +164,18 @@ class Supervisor:
         if kv_cache.generative(spec):
             await self._check_kv_cache(backend)
         await self._watch(backend)
-        replica.ready_since = None
         return True
 
     async def _start_in_turn(self, backend: Backend) -> bool:
         """Start once no other server on these GPUs is starting; hold the turn until ready,
         failed, or out of start-up time, so this server's memory profiling runs alone."""
         spec, replica, process = backend.spec, backend.replica, backend.process
-        starting_state = replica.state
+        # A first start loads; a restart stays `restarting` until its new server is ready.
+        starting = BackendState.LOADING if replica.state is BackendState.STOPPED else replica.state
         if self.turns.holders(spec.gpus):
-            replica.state = BackendState.WAITING
-            backend.waiting_since = time.monotonic()
+            replica.move(BackendState.WAITING)
         async with self.turns.turn(spec.label, spec.gpus):
-            replica.state = starting_state
+            replica.move(starting)
             # "sk-" first: a key starting with "-" would read as a flag to the server's argparse.
             port, key = free_port(), "sk-" + secrets.token_urlsafe(24)
             replica.url, replica.api_key = f"http://127.0.0.1:{port}", key
@@ -252,10 +263,11 @@ class Supervisor:
         failures = 0
         exited = asyncio.ensure_future(process.wait())
         try:
-            while failures < self.timings.health_failures:
-                done, _ = await asyncio.wait({exited}, timeout=self.timings.health_interval)
+            checks = backend.health
+            while failures < checks.failures:
+                done, _ = await asyncio.wait({exited}, timeout=checks.interval)
                 if done:
-                    replica.state = BackendState.RESTARTING
+                    replica.move(BackendState.RESTARTING)
                     log.error(
                         "%s: exited with code %s. Last log lines:\n  %s",
                         spec.label,
@@ -264,10 +276,14 @@ class Supervisor:
                     )
                     return
                 began = time.monotonic()
-                healthy = await is_healthy(self._client, replica.url)
+                try:
+                    async with asyncio.timeout(checks.timeout):
+                        healthy = await is_healthy(self._client, replica.url)
+                except TimeoutError:
+                    healthy = False
                 replica.health_latency = time.monotonic() - began
                 failures = 0 if healthy else failures + 1
-            replica.state = BackendState.RESTARTING
+            replica.move(BackendState.RESTARTING)
             log.error("%s: failed %d health checks in a row", spec.label, failures)
         finally:
             exited.cancel()
@@ -281,7 +297,7 @@ class Supervisor:
                 if state is BackendState.WAITING:
                     gpus = ",".join(str(g) for g in backend.spec.gpus)
                     holders = ", ".join(self.turns.holders(backend.spec.gpus)) or "another model"
-                    elapsed = time.monotonic() - backend.waiting_since
+                    elapsed = time.monotonic() - backend.replica.state_since
                     log.info(
                         "%s: waiting %.0fs for its turn on GPU %s (%s is starting there)",
                         backend.spec.label,

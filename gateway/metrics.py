@@ -26,7 +26,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from backends.pool import BackendState, ReplicaPool
+from backends.lifecycle import BackendState
+from backends.pool import ReplicaPool
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

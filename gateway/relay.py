@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 from aiohttp.payload import BytesPayload
 
-from backends.pool import Replica, ReplicaPool
+from backends.pool import Lease, Replica, ReplicaPool
 from gateway.errors import (
     BackendLoading,
     BackendUnavailable,
@@ -95,7 +95,7 @@ class Relay:
                 return
             await self._forward(scope, receive, send, job, head, record)
         except GatewayError as exc:  # refused before any byte of a response was sent
-            record.status = exc.status
+            record.status, record.error = exc.status, exc.code
             await send_error(send, exc, head.request_id)
         finally:
             if admitted:
@@ -142,12 +142,12 @@ class Relay:
         loop = asyncio.get_running_loop()
         guard = Interrupter(asyncio.current_task(loop), scope, receive, loop)  # type: ignore[arg-type]
         response: aiohttp.ClientResponse | None = None
-        replica: Replica | None = None
+        lease: Lease | None = None
         started = completed = False
         try:
             try:
                 guard.arm(self.limits.first_byte_timeout)
-                response, replica = await self._open(scope, job, head, record)
+                response, lease, replica = await self._open(scope, job, head, record)
                 record.status = response.status
                 if response.status >= 500:
                     replica.note_failure()
@@ -163,7 +163,7 @@ class Relay:
                 )
                 started = True
                 if record.stream:
-                    job.pool.open_streams += 1
+                    lease.stream()
                 guard.arm(self.limits.idle_timeout)
                 await self._pump(response, send, guard, job, record)
                 completed = True
@@ -188,10 +188,8 @@ class Relay:
                 record.status = record.status if started else CLIENT_CLOSED
         finally:
             guard.stop()
-            if replica is not None:
-                replica.in_flight -= 1
-            if started and record.stream:
-                job.pool.open_streams -= 1
+            if lease is not None:
+                lease.release()
             if response is not None:
                 # Closing (not releasing) an unfinished response drops the connection, which
                 # is how vLLM learns to abort the generation.
@@ -199,7 +197,7 @@ class Relay:
 
     async def _open(
         self, scope: Scope, job: _Job, head: RequestHead, record: RequestRecord
-    ) -> tuple[aiohttp.ClientResponse, Replica]:
+    ) -> tuple[aiohttp.ClientResponse, Lease, Replica]:
         """Send the request to a replica; one that cannot be reached is skipped for the next.
 
         Only failures before any response (refused, reset before headers) are retried, so a
@@ -210,7 +208,7 @@ class Relay:
             replica = _pick(job.pool, tried, job.affinity)
             headers = upstream_headers(scope["headers"], replica.api_key, record.request_id)
             session = self.clients.session(replica.url)
-            replica.in_flight += 1
+            lease = replica.lease(job.pool)
             try:
                 url = self.clients.url(replica.url, scope["path"], scope["query_string"])
                 response = await session.post(
@@ -220,7 +218,7 @@ class Relay:
                     allow_redirects=False,  # a redirect is the client's to follow
                 )
             except BaseException as exc:
-                replica.in_flight -= 1
+                lease.release()
                 error = translate(exc, job.pool.name) if isinstance(exc, Exception) else None
                 if not isinstance(error, BackendUnavailable):
                     raise
@@ -230,7 +228,7 @@ class Relay:
                     raise error from None
                 continue
             record.backend = replica.url
-            return response, replica
+            return response, lease, replica
 
     async def _pump(
         self,

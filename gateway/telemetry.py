@@ -32,7 +32,7 @@ class RequestRecord:
     stream: bool = False
     ttfb: float | None = None
     usage: tuple[int, int] | None = None  # prompt, completion tokens
-    error: str | None = None  # why a response that had started did not complete
+    error: str | None = None  # the gateway's error code, when the gateway answered or cut it
 
 
 @dataclass(slots=True)

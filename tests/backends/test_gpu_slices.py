@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.pool import BackendState
+from backends.lifecycle import BackendState
 from backends.spec import VllmSpec
 from backends.supervisor import Supervisor
 from tests.backends.test_supervisor import FAST, until

@@ -1,6 +1,7 @@
 """A pool picks the ready replica with the fewest requests in flight."""
 
-from backends.pool import BackendState, Replica, ReplicaPool
+from backends.lifecycle import BackendState
+from backends.pool import Replica, ReplicaPool
 
 
 def test_least_outstanding_ready_replica_wins() -> None:

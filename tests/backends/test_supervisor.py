@@ -17,16 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backends.pool import BackendState
+from backends.lifecycle import BackendState
 from backends.spec import VllmSpec
-from backends.supervisor import Supervisor, SupervisorTimings
+from backends.supervisor import SpawnHealth, Supervisor, SupervisorTimings
 from tests.servers import FAKE_VLLM, alive, descendants
 
 FAST = SupervisorTimings(
     poll_interval=0.05,
-    health_interval=0.1,
-    health_failures=2,
-    health_timeout=0.3,
+    health=SpawnHealth(interval=0.1, timeout=0.3, failures=2),
     backoff_base=0.05,
     backoff_cap=0.2,
     max_restarts=2,

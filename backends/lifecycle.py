@@ -1,0 +1,62 @@
+"""The states of a backend replica and the transitions between them, written down once.
+
+Every replica has exactly one writer of its state: the supervisor for servers the gateway
+spawns, the health checker for servers it connects to. They change it only through
+``Replica.move``, which refuses a transition this table does not list (a bug, not a condition
+to handle). The README draws the same machine; ``vllm_gateway_backend_state`` and
+``/status.json`` use these names.
+
+    stopped     no server (not started yet, or stopped by the gateway)
+      -> waiting      spawn: its GPUs are shared and another server is starting there
+      -> loading      spawn: the server is starting (weights, profiling, warm-up)
+    waiting     -> loading / restarting once it has the turn (restarting if it is a restart)
+    loading     -> ready          /health answers and /v1/models lists the model
+                -> restarting     it died or did not become ready in time (failed: no restarts)
+    ready       -> restarting     spawn: it died or failed its health checks
+                -> unhealthy      connect: failed `unhealthy_threshold` checks in a row
+    unhealthy   -> ready          connect: passed `healthy_threshold` checks in a row
+    restarting  -> waiting / ready (its new server is ready) / failed (too many failed starts)
+    failed      the supervisor gave up; only a gateway restart brings it back
+    any state   -> stopped        the gateway stops
+
+States planned for the features that come next (not entered by any code yet): ``draining``
+(on-demand: no new requests, in-flight ones finish, then stopped or asleep), ``sleeping``,
+``asleep`` and ``waking`` (vLLM's sleep mode), ``restoring`` (runtime LoRA adapters loaded
+before admission), ``joining`` and ``leaving`` (discovered pods).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class BackendState(StrEnum):
+    STOPPED = "stopped"
+    WAITING = "waiting"  # for its start-up turn on a GPU it shares (spawn mode)
+    LOADING = "loading"
+    READY = "ready"
+    UNHEALTHY = "unhealthy"  # failing its health checks (connect mode)
+    RESTARTING = "restarting"
+    FAILED = "failed"
+
+
+S = BackendState
+TRANSITIONS: dict[BackendState, frozenset[BackendState]] = {
+    S.STOPPED: frozenset({S.WAITING, S.LOADING}),
+    S.WAITING: frozenset({S.LOADING, S.RESTARTING}),
+    S.LOADING: frozenset({S.READY, S.RESTARTING, S.FAILED}),
+    S.READY: frozenset({S.RESTARTING, S.UNHEALTHY}),
+    S.UNHEALTHY: frozenset({S.READY}),
+    S.RESTARTING: frozenset({S.WAITING, S.READY, S.FAILED}),
+    S.FAILED: frozenset(),
+}
+ON_ITS_WAY = frozenset({S.WAITING, S.LOADING, S.RESTARTING})  # clients should retry soon
+
+
+class InvalidTransition(RuntimeError):
+    """A writer asked for a move the table does not allow: a bug in that writer."""
+
+
+def check(current: BackendState, target: BackendState) -> None:
+    if target is not current and target is not S.STOPPED and target not in TRANSITIONS[current]:
+        raise InvalidTransition(f"{current} -> {target} is not a backend transition")

@@ -1,0 +1,54 @@
+"""The backend state machine: its writers move along the table, nothing else gets through,
+and a request's lease on a replica is given back exactly once."""
+
+from __future__ import annotations
+
+import pytest
+
+from backends.lifecycle import TRANSITIONS, BackendState, InvalidTransition
+from backends.pool import Replica, ReplicaPool
+
+S = BackendState
+
+
+def test_a_spawned_server_goes_from_stopped_through_its_turn_to_ready_and_back() -> None:
+    replica = Replica(url="", state=S.STOPPED)
+    for state in (S.WAITING, S.LOADING, S.READY, S.RESTARTING, S.WAITING, S.RESTARTING, S.READY):
+        replica.move(state)
+        assert replica.state is state
+        assert (replica.ready_since is not None) == (state is S.READY)
+    replica.move(S.STOPPED)  # from anywhere
+    assert replica.ready_since is None
+
+
+@pytest.mark.parametrize(
+    ("start", "target"),
+    [
+        (S.STOPPED, S.READY),
+        (S.FAILED, S.LOADING),
+        (S.UNHEALTHY, S.RESTARTING),
+        (S.READY, S.LOADING),
+    ],
+)
+def test_a_move_the_table_does_not_list_is_refused(start: S, target: S) -> None:
+    replica = Replica(url="", state=start)
+    with pytest.raises(InvalidTransition, match=f"{start} -> {target}"):
+        replica.move(target)
+    assert replica.state is start
+
+
+def test_every_state_is_in_the_table() -> None:
+    assert set(TRANSITIONS) == set(BackendState)
+
+
+def test_a_lease_counts_a_request_and_its_stream_once() -> None:
+    replica = Replica(url="http://r")
+    pool = ReplicaPool("m", [replica])
+    with replica.lease(pool) as lease:
+        assert replica.in_flight == 1
+        lease.stream()
+        lease.stream()
+        assert pool.open_streams == 1
+        lease.release()  # early, as the relay does on a failed send
+        assert (replica.in_flight, pool.open_streams) == (0, 0)
+    assert (replica.in_flight, pool.open_streams) == (0, 0)  # not given back twice
