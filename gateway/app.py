@@ -26,7 +26,7 @@ from gateway.auth import AccessMiddleware, access_policy
 from gateway.catalog import ModelCatalog
 from gateway.control import ControlParts, control_api
 from gateway.keys import KeyRing, key_ring
-from gateway.launch import backend_specs, gpu_memory
+from gateway.launch import backend_specs, gpu_memory, spawn_health
 from gateway.relay import Relay, RelayLimits
 from gateway.routing import RELAYED_PATHS, RouteTable
 from gateway.settings import GatewaySettings
@@ -40,7 +40,10 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
     """Build the gateway. Spawn-mode models are started by ``supervisor`` during the lifespan."""
     if supervisor is None:
         supervisor = Supervisor(
-            backend_specs(settings), log_dir=settings.log_dir, gpu_memory=gpu_memory(settings)
+            backend_specs(settings),
+            log_dir=settings.log_dir,
+            gpu_memory=gpu_memory(settings),
+            health=spawn_health(settings),
         )
     pools, checked = _pools(settings, supervisor)
     health_checker = HealthChecker(checked)

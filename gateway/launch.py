@@ -6,6 +6,7 @@ import sys
 
 from backends.gpus import visible_gpu_memory
 from backends.spec import VllmSpec
+from backends.supervisor import SpawnHealth
 from gateway.settings import GatewaySettings
 
 
@@ -46,3 +47,22 @@ def gpu_memory(settings: GatewaySettings) -> float | None:
     if any(m.vllm is not None and m.vllm.gpus for m in settings.models):
         return visible_gpu_memory()
     return None
+
+
+def spawn_health(settings: GatewaySettings) -> dict[str, SpawnHealth]:
+    """How the supervisor watches each spawned model: the fields of `models[].health` that the
+    config sets, spawn mode's defaults for the rest (connect mode's defaults differ)."""
+    found = {}
+    for model in settings.models:
+        chosen = model.health.model_fields_set & {"interval", "timeout", "unhealthy_threshold"}
+        if model.vllm is None or not chosen:
+            continue
+        default, health = SpawnHealth(), model.health
+        found[model.name] = SpawnHealth(
+            interval=health.interval if "interval" in chosen else default.interval,
+            timeout=health.timeout if "timeout" in chosen else default.timeout,
+            failures=health.unhealthy_threshold
+            if "unhealthy_threshold" in chosen
+            else default.failures,
+        )
+    return found

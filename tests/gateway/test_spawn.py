@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backends.supervisor import Supervisor, SupervisorTimings
+from backends.supervisor import SpawnHealth, Supervisor, SupervisorTimings
 from gateway.launch import backend_specs
 from tests.servers import (
     FAKE_VLLM,
@@ -23,7 +23,9 @@ from tests.servers import (
     wait_until,
 )
 
-FAST = SupervisorTimings(poll_interval=0.05, health_interval=0.2, backoff_base=0.1, stop_grace=2)
+FAST = SupervisorTimings(
+    poll_interval=0.05, health=SpawnHealth(interval=0.2), backoff_base=0.1, stop_grace=2
+)
 
 
 def spawn_model(name: str, **args: object) -> dict:

@@ -10,13 +10,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backends.supervisor import Supervisor, SupervisorTimings
+from backends.supervisor import SpawnHealth, Supervisor, SupervisorTimings
 from gateway.launch import backend_specs
 from tests.servers import FAKE_VLLM, ROOT, FakeBackend, GatewayServer, gateway_settings
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts"))
-FAST = SupervisorTimings(poll_interval=0.05, health_interval=0.2, backoff_base=0.1, stop_grace=2)
+FAST = SupervisorTimings(
+    poll_interval=0.05, health=SpawnHealth(interval=0.2), backoff_base=0.1, stop_grace=2
+)
 
 
 def test_status_json_describes_every_replica(fake: FakeBackend) -> None:
