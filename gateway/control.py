@@ -32,6 +32,7 @@ from gateway.errors import (
     RouteNotFound,
 )
 from gateway.keys import SCOPE_KEY, ApiKey
+from gateway.request import read_head
 from gateway.status import StatusReport
 from gateway.telemetry import Telemetry
 from gateway.upstream import UpstreamClients
@@ -89,20 +90,24 @@ def control_api(parts: ControlParts, lifespan: Any) -> FastAPI:
         return Response(orjson.dumps(parts.status.document()), media_type="application/json")
 
     @api.exception_handler(GatewayError)
-    async def gateway_error(_: Request, exc: GatewayError) -> Response:
-        return error_response(exc)
+    async def gateway_error(request: Request, exc: GatewayError) -> Response:
+        return error_response(exc, request)
 
     @api.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 405:
-            return error_response(MethodNotAllowed(f"{request.method} is not allowed here."))
+            return error_response(
+                MethodNotAllowed(f"{request.method} is not allowed here."), request
+            )
         if exc.status_code == 404:
-            return error_response(RouteNotFound(f"No route {request.url.path!r} on this gateway."))
-        return error_response(InvalidRequest(str(exc.detail)))
+            return error_response(
+                RouteNotFound(f"No route {request.url.path!r} on this gateway."), request
+            )
+        return error_response(InvalidRequest(str(exc.detail)), request)
 
     @api.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return error_response(InvalidRequest(f"Invalid request: {exc.errors()}"))
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(InvalidRequest(f"Invalid request: {exc.errors()}"), request)
 
     return api
 
@@ -131,6 +136,8 @@ async def _backend_metrics(parts: ControlParts, model: str, index: int) -> Respo
         raise unavailable from None
 
 
-def error_response(error: GatewayError) -> Response:
-    headers = {k.decode(): v.decode() for k, v in error.headers()}
+def error_response(error: GatewayError, request: Request) -> Response:
+    """The control API's errors, with the same body and headers as ``send_error`` writes."""
+    request_id = read_head(request.scope["headers"]).request_id
+    headers = {k.decode(): v.decode() for k, v in error.headers(request_id)}
     return Response(error.body(), status_code=error.status, headers=headers)

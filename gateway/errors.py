@@ -28,6 +28,7 @@ Errors from aiohttp (the layer below) are translated into these in ``gateway.ups
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import ClassVar
 
 import orjson
@@ -53,8 +54,10 @@ class GatewayError(Exception):
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
 
-    def headers(self) -> list[tuple[bytes, bytes]]:
+    def headers(self, request_id: bytes | None = None) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", b"application/json")]
+        if request_id is not None:
+            headers.append((b"x-request-id", request_id))
         if self.retry_after is not None:
             headers.append((b"retry-after", str(self.retry_after).encode()))
         if self.closes_connection:
@@ -180,11 +183,10 @@ def sse_error_event(error: GatewayError) -> bytes:
 
 
 async def send_error(send: Send, error: GatewayError, request_id: bytes | None = None) -> None:
-    """Render a gateway error as OpenAI's error JSON: the one place that does it."""
+    """Render a gateway error as OpenAI's error JSON (the control API's FastAPI handlers render
+    the same body and headers through ``GatewayError.headers``)."""
     body = error.body()
-    headers = [*error.headers(), (b"content-length", str(len(body)).encode())]
-    if request_id is not None:
-        headers.append((b"x-request-id", request_id))
+    headers = [*error.headers(request_id), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -194,10 +196,7 @@ def raw_response(error: GatewayError) -> bytes:
 
     Only errors that close the connection are sent this way."""
     body = error.body()
-    head = [f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}".encode()]
+    head = [f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}".encode()]
     head += [name + b": " + value for name, value in error.headers()]
     head.append(b"content-length: " + str(len(body)).encode())
     return b"\r\n".join(head) + b"\r\n\r\n" + body
-
-
-_REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}

@@ -105,6 +105,8 @@ async def test_a_model_outside_the_list_is_answered_as_one_that_does_not_exist(
         assert hidden.json() == _named(missing.json(), absent, other)
         assert "tiny-chat" not in missing.text.replace(absent, "")
     assert fake.stats()["started"] == 0  # no backend was asked
+    traced = await gateway.get("/v1/models/nope", headers={**limited, "x-request-id": "trace-1"})
+    assert traced.headers["x-request-id"] == "trace-1"  # control API errors carry it too
     listing = (await gateway.get("/v1/models", headers=limited)).json()
     assert [m["id"] for m in listing["data"]] == ["tiny-embed"]
     card = (await gateway.get("/v1/models/tiny-embed", headers=limited)).json()
