@@ -21,6 +21,9 @@ from typing import IO
 from backends.proctree import group_members, signal_group
 from backends.reaper import GRACE_ENV
 
+# An engine core whose API server is gone has no request left to finish: a short grace.
+LEFTOVER_GRACE = 2.0
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
@@ -89,7 +92,7 @@ class BackendProcess:
 
         SIGTERM to the reaper, which stops the group in order. Whatever is left after that,
         or was left when the reaper died on its own (killed with the server, say), gets
-        SIGTERM, then SIGKILL after ``grace``: no process of the tree outlives this call.
+        SIGTERM, then SIGKILL after LEFTOVER_GRACE: no process of the tree outlives this call.
         ``grace`` must be the one the process was started with (the reaper's own).
         """
         proc = self._proc
@@ -103,9 +106,9 @@ class BackendProcess:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-        if self.tree():  # the reaper is gone but part of its tree is not
+        if self.tree():  # the reaper is gone but part of its tree is not: nothing to drain
             signal_group(proc.pid, signal.SIGTERM)
-            if not await self._tree_ends(grace):
+            if not await self._tree_ends(LEFTOVER_GRACE):
                 signal_group(proc.pid, signal.SIGKILL)
                 await self._tree_ends(5.0)
         if self._log is not None:

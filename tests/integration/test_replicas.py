@@ -92,9 +92,6 @@ def test_killing_one_replica_under_load(rig: VllmRig) -> None:
     for pid in (helper, victim):
         os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
-    wait_until(lambda: not any(alive(p) for p in tree), 30, "the whole killed tree to end")
-    tree_gone_after = time.monotonic() - killed
-    assert embed(gw, "tiny-embed").status_code == 200  # the other model keeps answering
     # Out of rotation: its process seen gone (state), or ejected after refused connections.
     wait_until(
         lambda: any(r["state"] != "ready" or r["ejected"] for r in replicas(gw.url)),
@@ -102,6 +99,9 @@ def test_killing_one_replica_under_load(rig: VllmRig) -> None:
         "the dead replica to leave the rotation",
     )
     ejected_after = time.monotonic() - killed
+    wait_until(lambda: not any(alive(p) for p in tree), 30, "the whole killed tree to end")
+    tree_gone_after = time.monotonic() - killed
+    assert embed(gw, "tiny-embed").status_code == 200  # the other model keeps answering
     for thread in threads:
         thread.join()
     wait_until(
