@@ -107,7 +107,7 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = read_head(scope["headers"]).request_id
-        await send_error(send, error, request_id)
+        await send_error(send, error, request_id, scope["path"])
         if self.on_refused is not None:
             self.on_refused(request_id.decode(), scope["path"], error.status)
 

@@ -2,6 +2,9 @@
 
 Every error the gateway itself makes is a ``GatewayError`` subclass; the class fixes the HTTP
 status, the OpenAI ``type`` and ``code``. Nothing chooses a status by reading message text.
+On the Messages API (`/v1/messages`, `/v1/messages/count_tokens`) the same errors are written
+in Anthropic's shape (`{"type": "error", "error": {"type": "not_found_error", ...}}`), as
+vLLM writes its own there, so Anthropic's SDK raises its usual exceptions.
 
     GatewayError                      500 internal_error
     ├── InvalidRequest                400 invalid_request_error
@@ -51,7 +54,11 @@ class GatewayError(Exception):
         self.param = param
         self.retry_after = retry_after
 
-    def body(self) -> bytes:
+    def body(self, path: str = "") -> bytes:
+        """OpenAI's error object; Anthropic's on the Messages API, whose clients expect it."""
+        if path in ANTHROPIC_PATHS:
+            kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
+            return orjson.dumps({"type": "error", "error": {"type": kind, "message": self.message}})
         return error_body(self.message, self.type, self.code, self.param)
 
     def headers(self, request_id: bytes | None = None) -> list[tuple[bytes, bytes]]:
@@ -168,6 +175,23 @@ class GatewayTimeout(GatewayError):
     code = "upstream_timeout"
 
 
+ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+# Anthropic's error types by status (its API uses 529 for overload; a 503 is the nearest here).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    431: "invalid_request_error",
+    503: "overloaded_error",
+}
+
+
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
     return orjson.dumps(
         {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -182,10 +206,12 @@ def sse_error_event(error: GatewayError) -> bytes:
     return b"data: " + error.body() + b"\n\ndata: [DONE]\n\n"
 
 
-async def send_error(send: Send, error: GatewayError, request_id: bytes | None = None) -> None:
+async def send_error(
+    send: Send, error: GatewayError, request_id: bytes | None = None, path: str = ""
+) -> None:
     """Render a gateway error as OpenAI's error JSON (the control API's FastAPI handlers render
     the same body and headers through ``GatewayError.headers``)."""
-    body = error.body()
+    body = error.body(path)
     headers = [*error.headers(request_id), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -96,7 +96,7 @@ class Relay:
             await self._forward(scope, receive, send, job, head, record)
         except GatewayError as exc:  # refused before any byte of a response was sent
             record.status, record.error = exc.status, exc.code
-            await send_error(send, exc, head.request_id)
+            await send_error(send, exc, head.request_id, scope["path"])
         finally:
             if admitted:
                 self.key_limiter.release(key)  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ JSON_PATHS = frozenset(
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
+        "/v2/embed",  # Cohere's embed API
         "/v1/rerank",
         "/rerank",
         "/v2/rerank",

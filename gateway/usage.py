@@ -1,9 +1,10 @@
 """Token counts from the backend's own `usage`, read without decoding what is relayed.
 
 vLLM writes `usage` at the end of a response (after `choices` or `data`), and in a stream as the
-last event before `[DONE]`. The relay keeps references to the last few chunks it sent; once the
-response is complete, ``find_usage`` reads the counts from that tail. Nothing is parsed per
-chunk.
+last event before `[DONE]` (the Messages API: in `message_delta`; the Responses API: in
+`response.completed`, which its streams always send). The relay keeps references to the last
+few chunks it sent; once the response is complete, ``find_usage`` reads the counts from that
+tail. Nothing is parsed per chunk.
 
 Streams count their tokens when the client asked for usage (`stream_options.include_usage`),
 the default (`stream_usage: client`): what the client receives is then exactly vLLM's stream.
@@ -16,30 +17,45 @@ this is opt-in.
 
 from __future__ import annotations
 
-import re
+import json
 from typing import Any
-
-import orjson
 
 USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 TAIL_BYTES = 4096
 
-_USAGE = re.compile(rb'"usage":\s*(\{[^{}]*\})')
 _MARKER = b'"usage":'
+_DECODER = json.JSONDecoder()
 
 
 def find_usage(tail: bytes) -> tuple[int, int] | None:
-    """(prompt_tokens, completion_tokens) of the last `usage` object in ``tail``."""
-    found = None
-    for found in _USAGE.finditer(tail):  # noqa: B007 - the last one counts
-        pass
-    if found is None:
+    """(prompt, completion) tokens of the last `usage` object in ``tail``: OpenAI's
+    `prompt_tokens` / `completion_tokens`, or the Responses and Messages APIs' `input_tokens` /
+    `output_tokens` (whose usage objects nest details, so they are decoded, not matched)."""
+    text = tail.decode("utf-8", "replace")
+    at = text.rfind(_MARKER.decode())
+    while at != -1:
+        usage = _object_at(text, at + len(_MARKER))
+        if usage is not None:
+            return _counts(usage)
+        at = text.rfind(_MARKER.decode(), 0, at)
+    return None
+
+
+def _object_at(text: str, start: int) -> dict[str, Any] | None:
+    while start < len(text) and text[start] in " \t\r\n":
+        start += 1
+    if not text.startswith("{", start):
         return None
     try:
-        usage = orjson.loads(found.group(1))
-    except orjson.JSONDecodeError:
+        value, _ = _DECODER.raw_decode(text, start)
+    except ValueError:
         return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    return value if isinstance(value, dict) else None
+
+
+def _counts(usage: dict[str, Any]) -> tuple[int, int] | None:
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
     return prompt, completion

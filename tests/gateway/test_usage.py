@@ -27,6 +27,23 @@ def test_usage_is_read_from_the_end_of_a_response() -> None:
     assert find_usage(b'{"usage": null}') is None
 
 
+def test_the_responses_and_messages_apis_count_input_and_output_tokens() -> None:
+    """Their usage objects nest details, and their streams end with their own events."""
+    response = (
+        b'"output":[],"usage":{"input_tokens":11,"input_tokens_details":{"cached_tokens":0},'
+        b'"output_tokens":5,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":16},'
+        b'"user":null}'
+    )
+    assert find_usage(response) == (11, 5)
+    messages_stream = (
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+        b'"max_tokens"},"usage":{"input_tokens":8,"output_tokens":5}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    assert find_usage(messages_stream) == (8, 5)
+    assert find_usage(b'"usage":{"input_tokens":8,"output_tokens":5') is None  # cut short
+
+
 def test_only_streams_without_a_usage_choice_are_changed() -> None:
     doc = {"model": "m", "stream": True}
     assert ask_for_usage("/v1/chat/completions", doc) == {

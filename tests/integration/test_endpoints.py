@@ -7,6 +7,7 @@ same stream event by event. Clients are the official OpenAI SDK and raw httpx.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -125,6 +126,34 @@ def test_stream_without_usage_is_exactly_vllms_and_counts_no_tokens(
     assert tokens_counted(gateway) - before == 12
 
 
+def test_messages_and_responses_count_their_tokens(gateway: GatewayProcess) -> None:
+    """The Messages and Responses APIs report input/output tokens, streams included."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    messages = {
+        "model": "tiny-chat",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    responses = {"model": "tiny-chat", "input": "hi", "max_output_tokens": 5, "temperature": 0}
+    before = tokens_counted(gateway)
+    reported = 0
+    for path, body in [("/v1/messages", messages), ("/v1/responses", responses)]:
+        answer = httpx.post(f"{gateway.url}{path}", json=body, headers=headers, timeout=60)
+        reported += answer.json()["usage"]["output_tokens"]
+        with httpx.stream(
+            "POST",
+            f"{gateway.url}{path}",
+            json={**body, "stream": True},
+            headers=headers,
+            timeout=60,
+        ) as stream:
+            events = stream.read().decode()
+        assert stream.status_code == 200 and "event:" in events, path
+        reported += int(re.findall(r'"output_tokens":(\d+)', events)[-1])  # its final event
+    assert reported > 0
+    assert tokens_counted(gateway) - before == reported
+
+
 def tokens_counted(gateway: GatewayProcess) -> float:
     text = httpx.get(f"{gateway.url}/metrics", headers=MONITOR).text
     wanted = {"model": "tiny-chat", "key": "config-1", "kind": "completion"}
@@ -202,6 +231,16 @@ CASES = [
         "tiny-chat",
         "/v1/messages",
         {"model": "tiny-chat", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+    ),
+    (
+        "tiny-embed",
+        "/v2/embed",  # Cohere's embed API
+        {
+            "model": "tiny-embed",
+            "texts": ["a", "b c"],
+            "input_type": "search_document",
+            "embedding_types": ["float"],
+        },
     ),
     (
         "tiny-chat",
