@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import time
@@ -14,18 +13,11 @@ import pytest
 from tests.integration.conftest import KEY
 from tests.servers import GatewayProcess, wait_until
 
-pytestmark = [
-    pytest.mark.vllm,
-    # Opt-in for now: in some full-suite runs the request completed on vLLM without this test
-    # ever seeing vllm:num_requests_running >= 1, and earlier versions failed in other ways; in
-    # isolation and in other full runs it passes, and it fails as it should when the relay's
-    # disconnect watcher is disabled. The gateway's side is covered in CI by the loopback tests
-    # (tests/gateway/test_relay.py, mutation-checked). Not understood yet: see issue 2's note.
-    pytest.mark.skipif(
-        not os.environ.get("VLLM_GATEWAY_TEST_ABORT"),
-        reason="opt-in (VLLM_GATEWAY_TEST_ABORT=1) until its flake is understood",
-    ),
-]
+pytestmark = pytest.mark.vllm
+# Seen before, in some full-suite runs only: the request finished on vLLM without the test ever
+# seeing vllm:num_requests_running >= 1 (a gauge, sampled: a short burst between two scrapes is
+# missed). The test now waits for generation_tokens_total to grow (a counter: progress cannot
+# be missed), starts from an idle backend, and reports every number it saw when it fails.
 # With ignore_eos a finished request generates exactly N x MAX_TOKENS tokens (~5 s here).
 N, MAX_TOKENS = 16, 900
 
@@ -42,8 +34,18 @@ def test_disconnect_stops_generation(
 ) -> None:
     """The client hangs up once vLLM is generating; vLLM must stop well short of the end."""
     backend = vllm["tiny-chat"]
-    wait_until(lambda: metric(backend, "vllm:num_requests_running") == 0, 60, "an idle backend")
+    idle = lambda: load(backend) == (0.0, 0.0)  # noqa: E731
+    wait_until(idle, 60, "an idle backend")
     before = metric(backend, "vllm:generation_tokens_total")
+    seen: list[str] = []
+    began = time.monotonic()
+
+    def generating() -> bool:
+        tokens = metric(backend, "vllm:generation_tokens_total") - before
+        elapsed = time.monotonic() - began
+        seen.append(f"{elapsed:.1f}s: {tokens:.0f} tokens, (running, waiting) {load(backend)}")
+        return tokens > 0
+
     body = json.dumps(
         {
             "model": "tiny-chat",
@@ -54,7 +56,6 @@ def test_disconnect_stops_generation(
             "stream": stream,
         }
     ).encode()
-    running = lambda: metric(backend, "vllm:num_requests_running") >= 1  # noqa: E731
     if stream:  # a client that reads the events, then hangs up
         with httpx.stream(
             "POST",
@@ -63,7 +64,7 @@ def test_disconnect_stops_generation(
             headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
         ) as response:
             assert next(response.iter_lines()).startswith("data: ")
-            wait_until(running, 120, "generation")
+            wait_until(generating, 120, "generation", every=0.1)
     else:  # nothing arrives before the end, so a raw socket that never reads is a fair client
         client = socket.create_connection(("127.0.0.1", gateway.port))
         client.sendall(
@@ -71,9 +72,16 @@ def test_disconnect_stops_generation(
             b"Content-Type: application/json\r\nAuthorization: Bearer %s\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (KEY.encode(), len(body), body)
         )
-        wait_until(running, 120, "generation")
+        wait_until(generating, 120, "generation", every=0.1)
         client.close()
-    wait_until(lambda: metric(backend, "vllm:num_requests_running") == 0, 30, "the abort")
+    left = time.monotonic()
+    wait_until(idle, 30, "the abort")
     time.sleep(0.5)  # the engine publishes its counters a moment later
     generated = metric(backend, "vllm:generation_tokens_total") - before
-    assert generated < N * MAX_TOKENS / 2, f"{generated} tokens generated after the client left"
+    report = f"{generated:.0f} tokens of {N * MAX_TOKENS}, idle {time.monotonic() - left:.1f}s"
+    report += " after the client left; seen before:\n" + "\n".join(seen[-5:])
+    assert generated < N * MAX_TOKENS / 2, report
+
+
+def load(url: str) -> tuple[float, float]:
+    return metric(url, "vllm:num_requests_running"), metric(url, "vllm:num_requests_waiting")
