@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 import orjson
 
 from gateway.logs import LogFormat
-
-if TYPE_CHECKING:
-    from gateway.telemetry import RequestRecord
+from gateway.record import RequestRecord
 
 LOGGER = "vllm_gateway.access"  # the `logger` field, as if it came through logging
 FLUSH_EVERY = 0.1  # seconds

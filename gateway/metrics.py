@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from backends.lifecycle import BackendState
 from backends.pool import ReplicaPool
+from gateway.record import RequestRecord
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -48,24 +49,15 @@ class GatewayMetrics:
         self.registry.register(_RequestCollector(self))
         self.registry.register(PoolCollector(list(pools)))
 
-    def observe(
-        self,
-        model: str,
-        endpoint: str,
-        status: int,
-        key: str,
-        duration: float,
-        ttfb: float | None,
-        stream: bool,
-        usage: tuple[int, int] | None,
-    ) -> None:
+    def observe(self, record: RequestRecord, duration: float) -> None:
         """One finished request."""
-        labels = (model, endpoint, str(status), key)
+        model, endpoint, key, usage = record.model, record.endpoint, record.key, record.usage
+        labels = (model, endpoint, str(record.status), key)
         self.requests[labels] = self.requests.get(labels, 0) + 1
         _observe(self.duration, (model, endpoint), LATENCY_BUCKETS, duration)
-        if ttfb is not None:
-            stream_label = "true" if stream else "false"
-            _observe(self.ttfb, (model, endpoint, stream_label), TTFB_BUCKETS, ttfb)
+        if record.ttfb is not None:
+            stream_label = "true" if record.stream else "false"
+            _observe(self.ttfb, (model, endpoint, stream_label), TTFB_BUCKETS, record.ttfb)
         if usage is not None:
             for kind, count in (("prompt", usage[0]), ("completion", usage[1])):
                 self.tokens[(model, key, kind)] = self.tokens.get((model, key, kind), 0) + count

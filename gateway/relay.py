@@ -32,9 +32,10 @@ from gateway.interrupt import Interrupter, Reason, check_often_enough
 from gateway.keys import SCOPE_KEY, ApiKey
 from gateway.limits import KeyLimiter
 from gateway.peek import model_from_json, model_from_multipart
+from gateway.record import RequestRecord
 from gateway.request import RequestHead, read_body, read_head
 from gateway.routing import MULTIPART_PATHS, RouteTable
-from gateway.telemetry import RequestRecord, Telemetry
+from gateway.telemetry import Telemetry
 from gateway.types import Receive, Scope, Send
 from gateway.upstream import UpstreamClients, downstream_headers, translate, upstream_headers
 from gateway.usage import TAIL_BYTES, UsageStripper, ask_for_usage, find_usage

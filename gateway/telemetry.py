@@ -9,30 +9,13 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from backends.pool import ReplicaPool
 from gateway.access_log import AccessLog
 from gateway.metrics import GatewayMetrics
+from gateway.record import OTHER_ENDPOINT, RequestRecord
 from gateway.routing import RELAYED_PATHS
-
-UNROUTED = "-"  # the model label of a request refused before it named a configured model
-OTHER_ENDPOINT = "other"  # the endpoint label of a refused request for a path not relayed
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    request_id: str
-    endpoint: str
-    key: str = UNROUTED
-    started: float = field(default_factory=time.perf_counter)
-    model: str = UNROUTED
-    backend: str = UNROUTED
-    status: int = 0
-    stream: bool = False
-    ttfb: float | None = None
-    usage: tuple[int, int] | None = None  # prompt, completion tokens
-    error: str | None = None  # the gateway's error code, when the gateway answered or cut it
 
 
 @dataclass(slots=True)
@@ -75,16 +58,7 @@ class Telemetry:
 
     def finish(self, record: RequestRecord) -> None:
         duration = time.perf_counter() - record.started
-        self.metrics.observe(
-            record.model,
-            record.endpoint,
-            record.status,
-            record.key,
-            duration,
-            record.ttfb,
-            record.stream,
-            record.usage,
-        )
+        self.metrics.observe(record, duration)
         window = self.windows.get(record.model)
         if window is not None:
             window.add(duration, record.usage[1] if record.usage else 0)

@@ -7,7 +7,7 @@ import io
 import json
 
 from gateway.access_log import FLUSH_EVERY, AccessLog
-from gateway.telemetry import RequestRecord
+from gateway.record import RequestRecord
 
 
 class CountingStream(io.StringIO):

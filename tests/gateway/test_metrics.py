@@ -10,6 +10,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import GatewayMetrics
+from gateway.record import RequestRecord
 from tests.servers import FakeBackend, GatewayServer, gateway_settings
 
 KEYS = [{"name": "team-a", "key": "sk-a"}, {"name": "ops", "key": "sk-ops", "monitor": True}]
@@ -127,7 +128,8 @@ def test_metrics_need_a_key_unless_opened(fake: FakeBackend) -> None:
 def test_histogram_buckets_count_values_up_to_and_including_their_bound() -> None:
     metrics = GatewayMetrics([])
     for seconds in (0.005, 0.0051, 400.0):
-        metrics.observe("m", "/v1/embeddings", 200, "k", seconds, None, False, None)
+        record = RequestRecord("id", "/v1/embeddings", key="k", model="m", status=200)
+        metrics.observe(record, seconds)
     text = generate_latest(metrics.registry).decode()
     samples = {
         (s.name, s.labels.get("le")): s.value

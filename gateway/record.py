@@ -1,0 +1,25 @@
+"""What the gateway knows of one request once it is done: a leaf module, so the relay, the
+metrics, the access log and the status window all read one shape and none imports another."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+UNROUTED = "-"  # the model label of a request refused before it named a configured model
+OTHER_ENDPOINT = "other"  # the endpoint label of a refused request for a path not relayed
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    endpoint: str
+    key: str = UNROUTED
+    started: float = field(default_factory=time.perf_counter)
+    model: str = UNROUTED
+    backend: str = UNROUTED
+    status: int = 0
+    stream: bool = False
+    ttfb: float | None = None
+    usage: tuple[int, int] | None = None  # prompt, completion tokens
+    error: str | None = None  # the gateway's error code, when the gateway answered or cut it
