@@ -11,9 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-# The CPU build of vLLM has no working `vllm` console script; this module path works on both.
-PYTHON_LAUNCHER = ("python", "-m", "vllm.entrypoints.openai.api_server")
-
 
 @dataclass(frozen=True)
 class VllmSpec:
