@@ -18,18 +18,18 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from backends.health import HealthChecker, HealthPolicy
-from backends.load import LoadScraper
 from backends.pool import Ejection, Replica, ReplicaPool
 from backends.supervisor import Supervisor
+from backends.vllm_load import LoadScraper
 from gateway.access_log import AccessLog
 from gateway.auth import AccessMiddleware, access_policy
 from gateway.catalog import ModelCatalog
 from gateway.control import ControlParts, control_api
 from gateway.keys import KeyRing, key_ring
-from gateway.launch import backend_specs, gpu_memory, spawn_health
 from gateway.relay import Relay, RelayLimits
 from gateway.routing import RELAYED_PATHS, RouteTable
 from gateway.settings import GatewaySettings
+from gateway.specs import backend_specs, gpu_memory, spawn_health
 from gateway.status import StatusReport
 from gateway.telemetry import Telemetry
 from gateway.types import ASGIApp, Receive, Scope, Send

@@ -17,10 +17,11 @@ import aiohttp
 import orjson
 
 from backends.pool import ReplicaPool
+from gateway import waits
 from gateway.routing import RouteTable
 from gateway.upstream import UpstreamClients
 
-LOOKUP_TIMEOUT = aiohttp.ClientTimeout(total=3)
+LOOKUP_TIMEOUT = aiohttp.ClientTimeout(total=waits.MODEL_LOOKUP)
 
 
 class ModelCatalog:

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.exceptions import HTTPException
 
+from gateway import waits
 from gateway.catalog import ModelCatalog
 from gateway.errors import (
     BackendUnavailable,
@@ -37,7 +38,7 @@ from gateway.status import StatusReport
 from gateway.telemetry import Telemetry
 from gateway.upstream import UpstreamClients
 
-BACKEND_METRICS_TIMEOUT = aiohttp.ClientTimeout(total=5)
+BACKEND_METRICS_TIMEOUT = aiohttp.ClientTimeout(total=waits.BACKEND_METRICS)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ async def _backend_metrics(parts: ControlParts, model: str, index: int) -> Respo
         raise InvalidRequest(f"Model {model!r} has replicas 0 to {len(pool.replicas) - 1}.")
     replica = pool.replicas[index]
     unavailable = BackendUnavailable(
-        f"Replica {index} of model {model!r} does not answer.", retry_after=5
+        f"Replica {index} of model {model!r} does not answer.",
+        retry_after=waits.RETRY_UNREACHABLE,
     )
     if not replica.url:
         raise unavailable

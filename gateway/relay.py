@@ -19,6 +19,7 @@ import orjson
 from aiohttp.payload import BytesPayload
 
 from backends.pool import Lease, Replica, ReplicaPool
+from gateway import waits
 from gateway.errors import (
     BackendLoading,
     BackendUnavailable,
@@ -29,8 +30,8 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.interrupt import Interrupter, Reason, check_often_enough
+from gateway.key_limits import KeyLimiter
 from gateway.keys import SCOPE_KEY, ApiKey
-from gateway.limits import KeyLimiter
 from gateway.peek import model_from_json, model_from_multipart
 from gateway.record import RequestRecord
 from gateway.request import RequestHead, read_body, read_head
@@ -293,6 +294,9 @@ def _pick(pool: ReplicaPool, tried: list[Replica], affinity: str | None) -> Repl
         return replica
     if pool.loading:
         raise BackendLoading(
-            f"Model {pool.name!r} is loading; retry in a few seconds.", retry_after=10
+            f"Model {pool.name!r} is loading; retry in a few seconds.",
+            retry_after=waits.RETRY_LOADING,
         )
-    raise BackendUnavailable(f"No backend of model {pool.name!r} is available.", retry_after=30)
+    raise BackendUnavailable(
+        f"No backend of model {pool.name!r} is available.", retry_after=waits.RETRY_NO_REPLICA
+    )

@@ -12,6 +12,7 @@ import asyncio
 import aiohttp
 import yarl
 
+from gateway import waits
 from gateway.errors import BackendUnavailable, BadGateway, GatewayError, GatewayTimeout
 
 # RFC 9110 §7.6.1 connection-specific headers, plus what the gateway sets itself.
@@ -59,7 +60,9 @@ class UpstreamClients:
     def session(self, base_url: str) -> aiohttp.ClientSession:
         session = self._sessions.get(base_url)
         if session is None:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+            connector = aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=waits.UPSTREAM_KEEPALIVE, ttl_dns_cache=300
+            )
             session = aiohttp.ClientSession(
                 base_url=None,
                 connector=connector,
@@ -110,14 +113,14 @@ def translate(exc: BaseException, model: str, *, started: bool = False) -> Gatew
     if isinstance(exc, aiohttp.ClientConnectorError):
         return BackendUnavailable(
             f"The backend for model {model!r} is unreachable ({exc.os_error.strerror or exc}).",
-            retry_after=5,
+            retry_after=waits.RETRY_UNREACHABLE,
         )
     if isinstance(exc, aiohttp.ClientConnectionError | OSError) and not started:
         # Refused, reset or closed before any answer, typically a kept-alive connection to a
         # server that just died: the client should retry, so 503 rather than 502.
         return BackendUnavailable(
             f"The backend for model {model!r} closed the connection before answering.",
-            retry_after=5,
+            retry_after=waits.RETRY_UNREACHABLE,
         )
     if isinstance(exc, aiohttp.ClientError | OSError):
         return BadGateway(

@@ -26,7 +26,7 @@ import httpx
 
 from backends.process import free_port
 from backends.spec import VllmSpec
-from backends.tiny_models import build_all
+from gateway.commands.tiny_models import build_all
 from tests.servers import ROOT, GatewayProcess, answers, subprocess_env
 
 MODELS_DIR = ROOT / ".cache" / "tiny-models"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 from backends.lifecycle import BackendState
-from backends.load import parse_load
 from backends.pool import Ejection, Replica, ReplicaPool, VllmLoad
+from backends.vllm_load import parse_load
 
 
 def pool(policy: str = "least_outstanding", n: int = 3) -> ReplicaPool:

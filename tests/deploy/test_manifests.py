@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway import kube
+from gateway.commands import kube
 from gateway.settings import load_settings, settings_from_dict
 from tests.servers import ROOT
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.cli import main
+from gateway.commands.cli import main
 from tests.servers import ROOT
 
 CONFIGS = sorted((ROOT / "config").glob("*.yaml"))

@@ -85,12 +85,17 @@ def test_a_bad_keys_file_stops_start_up_with_each_problem_named(tmp_path: Path) 
     ]
 
 
-def test_an_empty_keys_file_locks_the_gateway(tmp_path: Path) -> None:
+def test_an_empty_keys_file_locks_the_gateway(tmp_path: Path, fake: FakeBackend) -> None:
+    """No key in force is not the same as no keys configured: every request is refused."""
     (tmp_path / "keys.yaml").write_text("keys: []\n")
-    settings = settings_from_dict(
-        {"models": [CHAT], "keys_file": str(tmp_path / "keys.yaml")}, env={}
-    )
-    assert key_ring(settings).enabled
+    models = [{"name": fake.name, "url": fake.url}]
+    with running_gateway(models, keys_file=str(tmp_path / "keys.yaml")) as gateway:
+        body = {"model": fake.name, "messages": []}
+        for headers in ({}, bearer("sk-anything")):
+            answer = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers)
+            assert answer.status_code == 401
+        assert httpx.get(f"{gateway.url}/v1/models").status_code == 401
+    assert fake.stats()["started"] == 0
 
 
 @pytest.fixture

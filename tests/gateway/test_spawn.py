@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from backends.supervisor import SpawnHealth, Supervisor, SupervisorTimings
-from gateway.launch import backend_specs
+from gateway.specs import backend_specs
 from tests.servers import (
     FAKE_VLLM,
     GatewayProcess,

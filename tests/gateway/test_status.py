@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from backends.supervisor import SpawnHealth, Supervisor, SupervisorTimings
-from gateway.launch import backend_specs
+from gateway.specs import backend_specs
 from tests.servers import FAKE_VLLM, ROOT, FakeBackend, GatewayServer, gateway_settings
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from gateway import waits
 from gateway.errors import RateLimited
 from gateway.keys import ApiKey
 
@@ -35,7 +36,7 @@ class KeyLimiter:
             raise RateLimited(
                 f"Key {key.name!r} already has {key.max_concurrent} requests in flight, "
                 "its limit; retry when one finishes.",
-                retry_after=1,
+                retry_after=waits.RETRY_CONCURRENCY,
             )
         if key.requests_per_minute is not None:
             rate = key.requests_per_minute / 60.0

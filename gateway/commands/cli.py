@@ -17,8 +17,8 @@ from backends import kv_cache
 from backends.gpus import visible_gpu_count
 from backends.placement import fit_warnings, gpu_map, placement_problems
 from backends.spec import shell_line
-from gateway.launch import backend_specs, gpu_memory
 from gateway.settings import ConfigError, GatewaySettings, load_settings
+from gateway.specs import backend_specs, gpu_memory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,7 +174,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def k8s(args: argparse.Namespace) -> int:
-    from gateway import kube
+    from gateway.commands import kube
 
     settings = _load(args)
     if settings is None:
@@ -190,7 +190,7 @@ def k8s(args: argparse.Namespace) -> int:
 
 
 def tiny_models(args: argparse.Namespace) -> int:
-    from backends.tiny_models import build_all
+    from gateway.commands.tiny_models import build_all
 
     for kind, path in build_all(args.dir).items():
         print(f"{kind}: {path}")

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from backends.spec import render_flag
-from gateway.launch import backend_specs
 from gateway.settings import GatewaySettings, ModelSettings
+from gateway.specs import backend_specs
 
 VLLM_IMAGE = "vllm/vllm-openai:v0.24.0"
 VLLM_PORT = 8000

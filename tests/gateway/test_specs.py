@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from backends.supervisor import SpawnHealth, Supervisor
-from gateway.launch import backend_specs, spawn_health
+from gateway.specs import backend_specs, spawn_health
 from tests.servers import gateway_settings
 
 SPAWN = {"model": "/models/m"}
