@@ -46,8 +46,10 @@ class Interrupter:
         scope: Scope,
         receive: Receive,
         loop: asyncio.AbstractEventLoop,
+        deadlines: Sweeper[Interrupter],
     ) -> None:
         self.reason: str | None = None
+        self._deadlines = deadlines
         self._task = task
         self._loop = loop
         self._limit = 0.0
@@ -62,7 +64,7 @@ class Interrupter:
     def arm(self, seconds: float) -> None:
         """From now on, interrupt after ``seconds`` without a `touch`."""
         if self._limit == 0.0:
-            _deadlines.add(self, self._loop)
+            self._deadlines.add(self, self._loop)
         self._limit = seconds
         self._last = self._loop.time()
 
@@ -70,7 +72,7 @@ class Interrupter:
         self._last = self._loop.time()
 
     def stop(self) -> None:
-        _deadlines.discard(self, self._loop)
+        self._deadlines.discard(self, self._loop)
         self._limit = 0.0
         if self._gone is not None:
             self._gone.callback = None
@@ -98,10 +100,9 @@ class Interrupter:
             self._task.cancel()
 
 
-_deadlines: Sweeper[Interrupter] = Sweeper(Interrupter.check)
-
-
-def check_often_enough(*limits: float) -> None:
-    """The relay's timeouts, so that the shortest fires at most a quarter late."""
+def deadline_sweeper(*limits: float) -> Sweeper[Interrupter]:
+    """One relay's deadlines, swept often enough that the shortest fires at most a quarter late."""
+    sweeper: Sweeper[Interrupter] = Sweeper(Interrupter.check)
     for limit in limits:
-        _deadlines.at_most_every(limit)
+        sweeper.at_most_every(limit)
+    return sweeper

@@ -29,7 +29,7 @@ from gateway.errors import (
     send_error,
     sse_error_event,
 )
-from gateway.interrupt import Interrupter, Reason, check_often_enough
+from gateway.interrupt import Interrupter, Reason, deadline_sweeper
 from gateway.key_limits import KeyLimiter
 from gateway.keys import SCOPE_KEY, ApiKey
 from gateway.peek import model_from_json, model_from_multipart
@@ -76,7 +76,7 @@ class Relay:
         self.limits = limits
         self.telemetry = telemetry
         self.key_limiter = key_limiter or KeyLimiter()
-        check_often_enough(limits.first_byte_timeout, limits.idle_timeout)
+        self.deadlines = deadline_sweeper(limits.first_byte_timeout, limits.idle_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         head = read_head(scope["headers"])
@@ -142,7 +142,8 @@ class Relay:
         record: RequestRecord,
     ) -> None:
         loop = asyncio.get_running_loop()
-        guard = Interrupter(asyncio.current_task(loop), scope, receive, loop)  # type: ignore[arg-type]
+        task = asyncio.current_task(loop)
+        guard = Interrupter(task, scope, receive, loop, self.deadlines)  # type: ignore[arg-type]
         response: aiohttp.ClientResponse | None = None
         lease: Lease | None = None
         started = completed = False

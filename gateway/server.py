@@ -26,8 +26,11 @@ from gateway.types import ASGIApp
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    max_head_bytes: ClassVar[int] = 64 * 1024
-    read_timeout: ClassVar[float] = 60.0
+    """Made by ``guarded_protocol``, which gives each server its limits and its own sweeper."""
+
+    max_head_bytes: ClassVar[int]
+    read_timeout: ClassVar[float]
+    reads: ClassVar[Sweeper[GuardedHttpToolsProtocol]]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -36,10 +39,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refusal: GatewayError | None = None
         self._client_gone: ClientGone | None = None
         self.reading_since: float | None = self.loop.time()
-        _reads.add(self, self.loop)
+        self.reads.add(self, self.loop)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        _reads.discard(self, self.loop)
+        self.reads.discard(self, self.loop)
         super().connection_lost(exc)
         gone, self._client_gone = self._client_gone, None
         if gone is not None and self.cycle is not None and self.cycle.disconnected:
@@ -125,17 +128,16 @@ class _Refused(Exception):
     pass
 
 
-# No timer per request: the time a request began is written down, and a sweep a few times a
-# second looks for requests that have been arriving for too long.
-_reads: Sweeper[GuardedHttpToolsProtocol] = Sweeper(GuardedHttpToolsProtocol.check_reading)
-
-
 def guarded_protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol]:
-    _reads.at_most_every(read_timeout)
+    """The protocol class of one server. No timer per request: the time a request began is
+    written down, and the class's sweeper looks a few times a second for requests that have
+    been arriving for too long."""
+    reads: Sweeper[GuardedHttpToolsProtocol] = Sweeper(GuardedHttpToolsProtocol.check_reading)
+    reads.at_most_every(read_timeout)
     return type(
         "GuardedHttpToolsProtocol",
         (GuardedHttpToolsProtocol,),
-        {"max_head_bytes": max_head_bytes, "read_timeout": read_timeout},
+        {"max_head_bytes": max_head_bytes, "read_timeout": read_timeout, "reads": reads},
     )
 
 
