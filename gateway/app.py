@@ -3,7 +3,8 @@
 Layers, outermost first: CORS (when configured), access (API keys, and who may read the ops
 surfaces: ``gateway.auth``), then a dispatcher that sends the relayed paths straight to the
 pure-ASGI relay and everything else (health, the model list, metrics, status, errors for
-unknown paths) to the control API, which owns the lifespan.
+unknown paths) to the control API. The dispatcher, the app itself, runs the lifespan: it starts
+and stops the supervisor, health checks, load scrapes and the keys watcher.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import traceback
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -73,7 +75,7 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
     )
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan() -> AsyncIterator[None]:
         await supervisor.start()
         await health_checker.start()
         await scraper.start()
@@ -89,10 +91,8 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             await clients.aclose()
             telemetry.close()
 
-    api = control_api(
-        ControlParts(ModelCatalog(table, clients), telemetry, status, clients), lifespan
-    )
-    app: ASGIApp = Dispatcher(relay, api)
+    api = control_api(ControlParts(ModelCatalog(table, clients), telemetry, status, clients))
+    app: ASGIApp = Dispatcher(relay, api, lifespan)
     needs = access_policy(frozenset(settings.open_endpoints))
     app = AccessMiddleware(app, keys, needs, on_refused=telemetry.refused)
     if settings.cors is not None:
@@ -153,14 +153,38 @@ def reload_on_sighup(keys: KeyRing) -> None:
 
 
 class Dispatcher:
-    """Relayed paths go to the relay without FastAPI's routing; the rest to the control API."""
+    """Relayed paths go to the relay without FastAPI's routing; the rest to the control API.
+    The lifespan is the dispatcher's own: the outermost app owns what runs beside requests."""
 
-    def __init__(self, relay: Relay, api: FastAPI) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        api: FastAPI,
+        lifespan: Callable[[], AbstractAsyncContextManager[None]],
+    ) -> None:
         self.relay = relay
         self.api = api
+        self.lifespan = lifespan
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in RELAYED_PATHS:
             await self.relay(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
         else:
             await self.api(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """ASGI's lifespan protocol around ``self.lifespan``: startup, then shutdown."""
+        await receive()  # lifespan.startup
+        started = False
+        try:
+            async with self.lifespan():
+                await send({"type": "lifespan.startup.complete"})
+                started = True
+                await receive()  # lifespan.shutdown
+        except BaseException:
+            phase = "shutdown" if started else "startup"
+            await send({"type": f"lifespan.{phase}.failed", "message": traceback.format_exc()})
+            raise
+        await send({"type": "lifespan.shutdown.complete"})

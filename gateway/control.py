@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
 
 import aiohttp
 import orjson
@@ -49,10 +48,8 @@ class ControlParts:
     clients: UpstreamClients
 
 
-def control_api(parts: ControlParts, lifespan: Any) -> FastAPI:
-    api = FastAPI(
-        title="vllm-gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
-    )
+def control_api(parts: ControlParts) -> FastAPI:
+    api = FastAPI(title="vllm-gateway", docs_url=None, redoc_url=None, openapi_url=None)
     registry = parts.telemetry.metrics.registry
     Instrumentator(excluded_handlers=["/metrics"], registry=registry).instrument(api)
     page = resources.files("gateway").joinpath("status.html").read_bytes()
