@@ -39,13 +39,13 @@ class VllmSpec:
         """vLLM's fraction of each GPU it may take (its own default is 0.9)."""
         return float(self.args.get("gpu-memory-utilization", 0.9))
 
-    def command(self, port: int, api_key: str | None) -> list[str]:
+    def command(self, port: int, api_key: str | None, host: str = "127.0.0.1") -> list[str]:
         launcher = list(self.launcher)
         if launcher[-1] == "serve":  # `vllm serve MODEL` takes the model positionally
             cmd = [*launcher, self.model]
         else:
             cmd = [*launcher, "--model", self.model]
-        cmd += ["--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--served-model-name", self.name, "--host", host, "--port", str(port)]
         if api_key:
             cmd += ["--api-key", api_key]
         args = dict(self.args)

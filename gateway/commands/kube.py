@@ -10,11 +10,12 @@ Deployment, Service, autoscaler and disruption budget around what this generates
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 import yaml
 
-from backends.spec import render_flag
+from backends.spec import VllmSpec
 from gateway.settings import GatewaySettings, ModelSettings
 from gateway.specs import backend_specs
 
@@ -27,7 +28,7 @@ def manifests(settings: GatewaySettings, image: str = VLLM_IMAGE) -> list[dict[s
     objects: list[dict[str, Any]] = []
     for model in settings.models:
         if model.vllm is not None:
-            objects += [_deployment(model, image), _service(model)]
+            objects += [_deployment(model, _pod_spec(settings, model), image), _service(model)]
     objects.append(_gateway_config(settings))
     return objects
 
@@ -44,7 +45,12 @@ def render(settings: GatewaySettings, image: str = VLLM_IMAGE, source: str = "")
 
 def warnings(settings: GatewaySettings) -> list[str]:
     """What does not carry over from one host to Kubernetes as it is."""
-    found = []
+    found = [
+        f"{m.name}: its backend api_key is a secret and is not written into the ConfigMap; "
+        "set it in the gateway's config from your own Secret"
+        for m in settings.models
+        if m.api_key is not None
+    ]
     for spec in backend_specs(settings):
         if spec.memory_share < 0.5 and spec.replica in (None, 0):
             found.append(
@@ -68,17 +74,20 @@ def _labels(model: ModelSettings) -> dict[str, str]:
     }
 
 
-def _deployment(model: ModelSettings, image: str) -> dict[str, Any]:
+def _pod_spec(settings: GatewaySettings, model: ModelSettings) -> VllmSpec:
+    """The model's first server as spawn mode would start it, with the config's own launcher
+    (the image's, not this machine's interpreter)."""
+    spec = next(s for s in backend_specs(settings) if s.name == model.name)
+    return replace(spec, launcher=tuple(settings.launcher))
+
+
+def _deployment(model: ModelSettings, spec: VllmSpec, image: str) -> dict[str, Any]:
+    """The same command line the supervisor runs (``VllmSpec.command``), listening on the
+    pod's address; no backend key: the NetworkPolicy lets only gateway pods in."""
     assert model.vllm is not None
     spawn = model.vllm
-    gpus = len(spawn.replica_gpus()[0])
-    args = ["--model", spawn.model, "--served-model-name", model.name]
-    args += ["--host", "0.0.0.0", "--port", str(VLLM_PORT)]
-    flags = dict(spawn.args)
-    if gpus > 1:
-        flags.setdefault("tensor-parallel-size", gpus)
-    for flag, value in flags.items():
-        args += render_flag(flag, value)
+    gpus = len(spec.gpus)
+    command = spec.command(VLLM_PORT, api_key=None, host="0.0.0.0")
     env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": "/models"}]
     env += [{"name": k, "value": v} for k, v in spawn.env.items()]
     env.append(
@@ -107,8 +116,7 @@ def _deployment(model: ModelSettings, image: str) -> dict[str, Any]:
                         {
                             "name": "vllm",
                             "image": image,
-                            "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
-                            "args": args,
+                            "command": command,
                             "env": env,
                             "ports": [{"name": "http", "containerPort": VLLM_PORT}],
                             "resources": resources,
@@ -150,7 +158,9 @@ def _service(model: ModelSettings) -> dict[str, Any]:
 
 
 def _gateway_config(settings: GatewaySettings) -> dict[str, Any]:
-    """The gateway's config in connect mode: each spawned model becomes its Service's URL."""
+    """The gateway's config in connect mode: each spawned model becomes its Service's URL, and
+    every gateway setting carries over. Keys come from the Secret mounted as the keys file; the
+    monitor key of the ServiceMonitor is one of them."""
     models = []
     for model in settings.models:
         entry: dict[str, Any] = {"name": model.name, "aliases": model.aliases}
@@ -159,13 +169,28 @@ def _gateway_config(settings: GatewaySettings) -> dict[str, Any]:
         else:
             entry["urls"] = model.endpoints
         entry["balance"] = model.balance
+        entry["affinity_header"] = model.affinity_header
         entry["health"] = model.health.model_dump()
         models.append(entry)
+    carried = settings.model_dump(
+        mode="json",
+        include={
+            "timeouts",
+            "max_body_bytes",
+            "max_header_bytes",
+            "cors",
+            "log_level",
+            "access_log",
+            "stream_usage",
+            "open_endpoints",
+        },
+        exclude_none=True,
+    )
     config = {
         "host": "0.0.0.0",
         "port": 8000,
         "keys_file": "/etc/vllm-gateway/keys/keys.yaml",
-        "open_endpoints": ["metrics"],
+        **carried,
         "log_format": "json",
         "models": models,
     }

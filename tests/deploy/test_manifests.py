@@ -20,6 +20,7 @@ import yaml
 
 from gateway.commands import kube
 from gateway.settings import load_settings, settings_from_dict
+from gateway.specs import backend_specs
 from tests.servers import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -79,12 +80,54 @@ def test_each_model_has_a_deployment_and_service_the_gateway_points_at() -> None
         pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= pod_labels.items()
         container = deployment["spec"]["template"]["spec"]["containers"][0]
-        assert container["args"][container["args"].index("--served-model-name") + 1] == model.name
+        command = container["command"]
+        assert command[command.index("--served-model-name") + 1] == model.name
         assert container["startupProbe"]["failureThreshold"] * 10 >= 1800  # 30 min to load
     first = by_kind["Deployment"]["vllm-qwen2-5-72b-instruct"]["spec"]["template"]["spec"]
     assert first["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 4}
     gateway = by_kind["Deployment"]["vllm-gateway"]["spec"]["template"]["spec"]
     assert gateway["volumes"][1]["secret"]["secretName"] == "vllm-gateway-keys"
+
+
+def test_the_generated_config_carries_every_setting_and_the_spawn_command() -> None:
+    """One config, two places: what the gateway does on one host it does in the cluster."""
+    source = {
+        "launcher": ["python", "-m", "vllm.entrypoints.openai.api_server"],
+        "timeouts": {"first_byte": 120, "idle": 30},
+        "cors": {"allowed_origins": ["https://app.example"]},
+        "stream_usage": "always",
+        "max_body_bytes": 1024 * 1024,
+        "api_keys": ["sk-never-in-a-configmap"],
+        "models": [
+            {
+                "name": "chat",
+                "vllm": {"model": "Qwen/Qwen2.5-7B-Instruct", "gpus": [0, 1]},
+                "balance": "affinity",
+                "affinity_header": "X-Conversation",
+            },
+            {"name": "embed", "url": "http://embedder:8000", "api_key": "sk-backend-secret"},
+        ],
+    }
+    settings = settings_from_dict(source, env={})
+    objects = {obj["kind"]: obj for obj in kube.manifests(settings)}
+    text = yaml.safe_dump(list(objects.values()))
+    assert "sk-never-in-a-configmap" not in text and "sk-backend-secret" not in text
+    config = settings_from_dict(yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"]), env={})
+    assert config.timeouts == settings.timeouts and config.cors == settings.cors
+    assert (config.stream_usage, config.max_body_bytes) == ("always", 1024 * 1024)
+    assert config.models[0].affinity_header == "X-Conversation"
+    assert config.models[0].balance == "affinity"
+    container = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    spec = backend_specs(settings)[0]
+    assert (
+        container["command"]
+        == [
+            "python",  # the config's launcher, not this machine's interpreter
+            *spec.command(8000, api_key=None, host="0.0.0.0")[1:],
+        ]
+    )
+    assert "--tensor-parallel-size" in container["command"]
+    assert any("api_key" in w for w in kube.warnings(settings))
 
 
 def test_dockerfile_passes_hadolint() -> None:
