@@ -6,10 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-env.sh
 py=.venv/bin/python
-.venv/bin/vllm-gateway tiny-models .cache/tiny-models
+"$py" -m gateway tiny-models .cache/tiny-models
 mkdir -p logs
 echo "gateway log: logs/gateway.log; each vLLM server logs to logs/<model>.log"
-.venv/bin/vllm-gateway serve --config config/cpu-demo.yaml > logs/gateway.log 2>&1 &
+"$py" -m gateway serve --config config/cpu-demo.yaml > logs/gateway.log 2>&1 &
 gateway=$!
 trap 'kill -TERM $gateway 2>/dev/null; wait $gateway 2>/dev/null || true' EXIT
 trap 'exit 0' INT TERM
