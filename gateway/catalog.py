@@ -18,8 +18,9 @@ import orjson
 
 from backends.pool import ReplicaPool
 from gateway import waits
+from gateway.errors import GatewayError
 from gateway.routing import RouteTable
-from gateway.upstream import UpstreamClients
+from gateway.upstream import UpstreamClients, upstream_errors
 
 LOOKUP_TIMEOUT = aiohttp.ClientTimeout(total=waits.MODEL_LOOKUP)
 
@@ -66,13 +67,17 @@ class ModelCatalog:
         headers = {"Authorization": f"Bearer {replica.api_key}"} if replica.api_key else {}
         session = self.clients.session(replica.url)
         try:
-            async with session.get(
-                replica.url + "/v1/models", headers=headers, timeout=LOOKUP_TIMEOUT
-            ) as response:
-                if response.status != 200:
-                    return
-                cards = orjson.loads(await response.read()).get("data", [])
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, AttributeError):
+            with upstream_errors(pool.name):
+                async with session.get(
+                    replica.url + "/v1/models", headers=headers, timeout=LOOKUP_TIMEOUT
+                ) as response:
+                    if response.status != 200:
+                        return
+                    doc = orjson.loads(await response.read())
+        except GatewayError:
+            return  # listed without its context length; asked again next time
+        cards = doc.get("data") if isinstance(doc, dict) else None
+        if not isinstance(cards, list):
             return
         lengths = [c.get("max_model_len") for c in cards if isinstance(c, dict)]
         pool.max_model_len = next((n for n in lengths if isinstance(n, int)), None)

@@ -35,7 +35,7 @@ from gateway.keys import SCOPE_KEY, ApiKey
 from gateway.request import read_head
 from gateway.status import StatusReport
 from gateway.telemetry import Telemetry
-from gateway.upstream import UpstreamClients
+from gateway.upstream import UpstreamClients, upstream_errors
 
 BACKEND_METRICS_TIMEOUT = aiohttp.ClientTimeout(total=waits.BACKEND_METRICS)
 
@@ -117,22 +117,19 @@ async def _backend_metrics(parts: ControlParts, model: str, index: int) -> Respo
     if not 0 <= index < len(pool.replicas):
         raise InvalidRequest(f"Model {model!r} has replicas 0 to {len(pool.replicas) - 1}.")
     replica = pool.replicas[index]
-    unavailable = BackendUnavailable(
-        f"Replica {index} of model {model!r} does not answer.",
-        retry_after=waits.RETRY_UNREACHABLE,
-    )
     if not replica.url:
-        raise unavailable
-    try:
-        session = parts.clients.session(replica.url)
+        raise BackendUnavailable(
+            f"Replica {index} of model {model!r} does not answer.",
+            retry_after=waits.RETRY_UNREACHABLE,
+        )
+    session = parts.clients.session(replica.url)
+    with upstream_errors(model):
         async with session.get(
             replica.url + "/metrics", timeout=BACKEND_METRICS_TIMEOUT
         ) as upstream:
             body = await upstream.read()
             media_type = upstream.headers.get("content-type", CONTENT_TYPE_LATEST)
             return Response(body, status_code=upstream.status, media_type=media_type)
-    except (aiohttp.ClientError, TimeoutError):
-        raise unavailable from None
 
 
 def error_response(error: GatewayError, request: Request) -> Response:

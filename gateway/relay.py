@@ -24,7 +24,6 @@ from gateway.errors import (
     BackendLoading,
     BackendUnavailable,
     GatewayError,
-    GatewayTimeout,
     MethodNotAllowed,
     send_error,
     sse_error_event,
@@ -183,8 +182,7 @@ class Relay:
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             guard.stop()
             if guard.reason is Reason.IDLE:
-                what = "stopped sending" if started else "did not answer in time"
-                error = GatewayTimeout(f"The backend for model {job.pool.name!r} {what}.")
+                error = translate(TimeoutError(), job.pool.name, started=started)
                 await self._fail(send, error, started, record)
             else:
                 record.error = "client_gone"

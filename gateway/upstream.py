@@ -2,12 +2,16 @@
 
 aiohttp, not httpx, carries the relay: measured at 64 concurrent requests it relays about eight
 times the requests per second. aiohttp's exceptions are turned into gateway errors here and
-nowhere else.
+nowhere else: ``translate`` maps one, and ``upstream_errors`` wraps every call into aiohttp made
+outside the relay's own loop (the model catalog, the backend-metrics relay), as httpx's
+``map_httpcore_exceptions`` does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 
 import aiohttp
 import yarl
@@ -101,6 +105,17 @@ def downstream_headers(
     headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in _NOT_FORWARDED_DOWN]
     headers.append((b"x-request-id", request_id))
     return headers
+
+
+@contextlib.contextmanager
+def upstream_errors(model: str) -> Iterator[None]:
+    """Calls into aiohttp inside this block raise gateway errors only."""
+    try:
+        yield
+    except GatewayError:
+        raise
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        raise translate(exc, model) from exc
 
 
 def translate(exc: BaseException, model: str, *, started: bool = False) -> GatewayError:
