@@ -1,7 +1,7 @@
 """The access log: one line per request relayed or refused, written in batches to the log stream.
 
-Through `logging`, a line cost about 40 µs (a LogRecord, the formatter, the handler's lock, one
-write per line): 13% of a relayed request's CPU at 64 concurrent requests. Here a line is one
+Through `logging`, a line costs a LogRecord, the formatter, the handler's lock and one write
+per line: a large share of a relayed request's CPU (README, "Observability"). Here a line is one
 format call, and lines are written together every 0.1 s (sooner past 32 KB), so one write
 carries every request finished meanwhile. Lines look like `gateway.logs`'s, text or JSON, and
 go to the same stream (stderr); they may trail other log lines by up to 0.1 s.

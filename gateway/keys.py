@@ -82,8 +82,8 @@ class KeyRing:
     async def reload(self) -> bool:
         """Re-read the keys file; on a bad file keep the keys in force and say why.
 
-        Read in a worker thread: a file of 20,000 keys takes most of a second to parse,
-        which the event loop must not wait for. A file that changed while it was read is
+        Read in a worker thread: a file of many thousands of keys takes a noticeable time to
+        parse, which the event loop must not wait for. A file that changed while it was read is
         not applied; the watcher reads it again once it has settled.
         """
         if self._path is None:

@@ -1,7 +1,7 @@
 """The upstream HTTP client: one keep-alive aiohttp session per backend URL.
 
-aiohttp, not httpx, carries the relay: measured at 64 concurrent requests it relays about eight
-times the requests per second. aiohttp's exceptions are turned into gateway errors here and
+aiohttp, not httpx, carries the relay: it relays several times the requests per second
+(load/floor.py). aiohttp's exceptions are turned into gateway errors here and
 nowhere else: ``translate`` maps one, and ``upstream_errors`` wraps every call into aiohttp made
 outside the relay's own loop (the model catalog, the backend-metrics relay), as httpx's
 ``map_httpcore_exceptions`` does.
