@@ -117,8 +117,9 @@ class BackendProcess:
         return sorted(self._seen)
 
     async def _tree_ends(self, timeout: float) -> bool:
+        """Wait for the group to empty; /proc is scanned in a thread, off the event loop."""
         deadline = time.monotonic() + timeout
-        while self.tree():
+        while await asyncio.to_thread(self.tree):
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.1)
