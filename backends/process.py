@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from backends.proctree import group_members, signal_group
+from backends.proctree import end_group, group_members
 from backends.reaper import GRACE_ENV
 
 # An engine core whose API server is gone has no request left to finish: a short grace.
@@ -107,23 +107,11 @@ class BackendProcess:
                 proc.kill()
                 await proc.wait()
         if self.tree():  # the reaper is gone but part of its tree is not: nothing to drain
-            signal_group(proc.pid, signal.SIGTERM)
-            if not await self._tree_ends(LEFTOVER_GRACE):
-                signal_group(proc.pid, signal.SIGKILL)
-                await self._tree_ends(5.0)
+            await asyncio.to_thread(end_group, proc.pid, LEFTOVER_GRACE)
         if self._log is not None:
             self._log.close()
             self._log = None
         return sorted(self._seen)
-
-    async def _tree_ends(self, timeout: float) -> bool:
-        """Wait for the group to empty; /proc is scanned in a thread, off the event loop."""
-        deadline = time.monotonic() + timeout
-        while await asyncio.to_thread(self.tree):
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.1)
-        return True
 
     def tail(self, lines: int = 20) -> list[str]:
         try:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -34,17 +36,6 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def signal_group(pgid: int, sig: int) -> bool:
-    """Send ``sig`` to every process of the group; False if the group no longer exists."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a pid reused by another user's process: not ours to signal
-        return False
-    return True
-
-
 def kill_others(pgid: int, sig: int = signal.SIGKILL) -> None:
     """Signal every member of the group but the calling process (the reaper, ending its tree)."""
     me = os.getpid()
@@ -52,3 +43,22 @@ def kill_others(pgid: int, sig: int = signal.SIGKILL) -> None:
         if pid != me:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
+
+
+def end_group(pgid: int, grace: float, tick: Callable[[], object] | None = None) -> bool:
+    """SIGTERM every member but the caller, wait up to ``grace`` seconds for the group to
+    empty (calling ``tick`` each round, e.g. to reap a child), then SIGKILL what is left.
+    Blocking: the gateway runs it in a thread. True if nothing needed SIGKILL."""
+    me = os.getpid()
+    kill_others(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if tick is not None:
+            tick()
+        if not [pid for pid in group_members(pgid) if pid != me]:
+            return True
+        time.sleep(0.1)
+    kill_others(pgid, signal.SIGKILL)
+    if tick is not None:
+        tick()
+    return False

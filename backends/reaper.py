@@ -16,10 +16,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from types import FrameType
 
-from backends.proctree import group_members, kill_others
+from backends.proctree import end_group
 
 GRACE_ENV = "VLLM_GATEWAY_STOP_GRACE"
 _PR_SET_PDEATHSIG = 1
@@ -36,21 +35,11 @@ def set_parent_death_signal(sig: int) -> None:
 
 
 def stop_group(server: subprocess.Popen[bytes], grace: float) -> None:
-    """End every other process of this group: SIGTERM, then SIGKILL after ``grace`` seconds.
-    The server is reaped as it goes (a zombie would still count as a member)."""
+    """End every other process of this group; the server is reaped as it goes (a zombie would
+    still count as a member)."""
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # the group's SIGTERM reaches this process too
-    pgid = os.getpgrp()
-    me = os.getpid()
-    kill_others(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        server.poll()
-        if not [pid for pid in group_members(pgid) if pid != me]:
-            return
-        time.sleep(0.1)
-    kill_others(pgid, signal.SIGKILL)
-    server.poll()
+    end_group(os.getpgrp(), grace, tick=server.poll)
 
 
 def main(argv: list[str]) -> int:
