@@ -9,6 +9,7 @@ whatever state it is in, even when the reaper itself was killed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import socket
@@ -25,11 +26,24 @@ from backends.reaper import GRACE_ENV
 LEFTOVER_GRACE = 2.0
 
 
+# Ports this process handed out lately; see free_port.
+_recent_ports: collections.deque[int] = collections.deque(maxlen=4096)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port nothing listens on now, never one this process handed out lately.
+
+    The kernel may offer a port again as soon as it is closed, and a server takes seconds to bind
+    the port it was given: two servers started one after the other could get the same port, and
+    the slower one dies with "address in use" while the other answers in its place.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        if port not in _recent_ports:
+            _recent_ports.append(port)
+            return port
 
 
 class BackendProcess:

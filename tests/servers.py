@@ -193,7 +193,15 @@ class GatewayProcess:
             env=subprocess_env(),
             cwd=ROOT,
         )
-        wait_until(lambda: answers(self.url + "/health"), 30, "gateway process start")
+        wait_until(self._listening, 30, "gateway process start")
+
+    def _listening(self) -> bool:
+        """This process, not another that took the port meanwhile, serves it."""
+        if self.proc.poll() is not None:
+            tail = self.log.read_text(errors="replace").splitlines()[-5:]
+            raise RuntimeError(f"gateway exited; {self.log} ends:\n" + "\n".join(tail))
+        running = f"Uvicorn running on {self.url} "
+        return running in self.log.read_text(errors="replace") and answers(self.url + "/health")
 
     def close(self) -> None:
         if self.proc.poll() is None:

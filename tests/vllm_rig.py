@@ -27,7 +27,7 @@ import httpx
 from backends.process import free_port
 from backends.spec import VllmSpec
 from gateway.commands.tiny_models import build_all
-from tests.servers import ROOT, GatewayProcess, answers, subprocess_env
+from tests.servers import ROOT, GatewayProcess, subprocess_env
 
 MODELS_DIR = ROOT / ".cache" / "tiny-models"
 ARTIFACTS = ROOT / ".artifacts"
@@ -112,7 +112,7 @@ class VllmRig:
     def wait_ready(self) -> dict[str, str]:
         deadline = time.monotonic() + READY_TIMEOUT
         for name, url in self.urls.items():
-            while not answers(url + "/health"):
+            while not _serves(url, name):
                 for server, proc in zip(self.urls, self.procs, strict=False):
                     if proc.poll() is not None:
                         log = ARTIFACTS / f"vllm-{server}.log"
@@ -157,6 +157,16 @@ def _spawned(
             "env": cpu_env(core),
         },
     }
+
+
+def _serves(url: str, model: str) -> bool:
+    """The server at ``url`` lists ``model``: health alone would also be answered by whatever
+    else took the port."""
+    try:
+        response = httpx.get(f"{url}/v1/models", timeout=5)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200 and model in {m["id"] for m in response.json()["data"]}
 
 
 def _tokenizes(url: str, model: str) -> bool:
