@@ -14,13 +14,18 @@ to handle). The README draws the same machine; ``vllm_gateway_backend_state`` an
                 -> restarting     it died or did not become ready in time (failed: no restarts)
     ready       -> restarting     spawn: it died or failed its health checks
                 -> unhealthy      connect: failed `unhealthy_threshold` checks in a row
+                -> draining       on-demand: being unloaded; no new requests, in-flight ones end
+    draining    -> stopped        its requests ended (or `drain_timeout` cut them); server ended
+                -> restarting     it died while draining
     unhealthy   -> ready          connect: passed `healthy_threshold` checks in a row
     restarting  -> waiting / ready (its new server is ready) / failed (too many failed starts)
     failed      the supervisor gave up; only a gateway restart brings it back
     any state   -> stopped        the gateway stops
 
-States planned for the features that come next (not entered by any code yet): ``draining``
-(on-demand: no new requests, in-flight ones finish, then stopped or asleep), ``sleeping``,
+An on-demand model (``backends.on_demand``) starts in ``stopped`` and returns there when it is
+unloaded; its replicas take the same path as an always-on model's in between.
+
+States planned for the features that come next (not entered by any code yet): ``sleeping``,
 ``asleep`` and ``waking`` (vLLM's sleep mode), ``restoring`` (runtime LoRA adapters loaded
 before admission), ``joining`` and ``leaving`` (discovered pods).
 """
@@ -37,6 +42,7 @@ class BackendState(StrEnum):
     READY = "ready"
     UNHEALTHY = "unhealthy"  # failing its health checks (connect mode)
     RESTARTING = "restarting"
+    DRAINING = "draining"  # on-demand: unloading, in-flight requests finish first
     FAILED = "failed"
 
 
@@ -45,7 +51,8 @@ TRANSITIONS: dict[BackendState, frozenset[BackendState]] = {
     S.STOPPED: frozenset({S.WAITING, S.LOADING}),
     S.WAITING: frozenset({S.LOADING, S.RESTARTING}),
     S.LOADING: frozenset({S.READY, S.RESTARTING, S.FAILED}),
-    S.READY: frozenset({S.RESTARTING, S.UNHEALTHY}),
+    S.READY: frozenset({S.RESTARTING, S.UNHEALTHY, S.DRAINING}),
+    S.DRAINING: frozenset({S.RESTARTING}),
     S.UNHEALTHY: frozenset({S.READY}),
     S.RESTARTING: frozenset({S.WAITING, S.READY, S.FAILED}),
     S.FAILED: frozenset(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from backends.spec import VllmSpec
@@ -26,7 +26,12 @@ def gpu_map(specs: Sequence[VllmSpec]) -> dict[int, list[tuple[str, float]]]:
     return dict(sorted(layout.items()))
 
 
-def placement_problems(specs: Sequence[VllmSpec], gpu_count: int | None) -> list[str]:
+def placement_problems(
+    specs: Sequence[VllmSpec], gpu_count: int | None, on_demand: Collection[str] = ()
+) -> list[str]:
+    """What makes a layout unworkable. Always-on models must fit their GPUs together; an
+    on-demand model (named in ``on_demand``) must fit beside the always-on ones, and may take
+    turns with other on-demand models (``backends.swaps``)."""
     problems = []
     for spec in specs:
         share = spec.memory_share
@@ -46,15 +51,31 @@ def placement_problems(specs: Sequence[VllmSpec], gpu_count: int | None) -> list
                     f"{spec.label}: GPU {_gpus(missing)} does not exist "
                     f"(this machine has {gpu_count}: 0-{gpu_count - 1})"
                 )
-    for gpu, tenants in gpu_map(specs).items():
+    always_on = [s for s in specs if s.name not in on_demand]
+    for gpu, tenants in gpu_map(always_on).items():
         total = sum(share for _, share in tenants)
         if len(tenants) > 1 and total > MAX_SHARE_PER_GPU + 1e-9:
             names = ", ".join(f"{name} {share:g}" for name, share in tenants)
             problems.append(
                 f"GPU {gpu}: gpu-memory-utilization adds up to {total:.2f} > {MAX_SHARE_PER_GPU} "
-                f"({names}); lower the shares or move a model"
+                f"({names}); lower the shares, move a model or make some on-demand"
             )
+    held = shares_per_gpu(always_on)
+    for spec in specs:
+        if spec.name not in on_demand:
+            continue
+        for gpu in spec.gpus:
+            if held.get(gpu, 0.0) and held[gpu] + spec.memory_share > MAX_SHARE_PER_GPU + 1e-9:
+                problems.append(
+                    f"{spec.label}: on-demand, but its share {spec.memory_share:g} never fits "
+                    f"GPU {gpu} beside the always-on models there ({held[gpu]:.2f})"
+                )
     return problems
+
+
+def shares_per_gpu(specs: Sequence[VllmSpec]) -> dict[int, float]:
+    """GPU index -> the sum of the shares these servers take of it."""
+    return {gpu: sum(share for _, share in tenants) for gpu, tenants in gpu_map(specs).items()}
 
 
 def _gpus(gpus: Sequence[int]) -> str:

@@ -14,11 +14,14 @@ import hashlib
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from backends import lifecycle
 from backends.kv_cache import KvCache
 from backends.lifecycle import ON_ITS_WAY, BackendState
+
+if TYPE_CHECKING:
+    from backends.on_demand import OnDemandModel
 
 Policy = Literal["least_outstanding", "vllm_metrics", "affinity"]
 
@@ -57,6 +60,7 @@ class Replica:
     restarts: int = 0
     ready_since: float | None = None  # time.monotonic(), while ready
     state_since: float = field(default_factory=time.monotonic)
+    last_done: float = 0.0  # time.monotonic() when its last request ended; an idle clock
     health_latency: float | None = None  # seconds, last health check
     gpus: tuple[int, ...] = ()
     load: VllmLoad | None = None  # from the replica's own /metrics (policy vllm_metrics)
@@ -101,6 +105,7 @@ class ReplicaPool:
     open_streams: int = 0
     policy: Policy = "least_outstanding"
     affinity_header: bytes = b"x-session-id"  # lower case, as ASGI gives header names
+    on_demand: OnDemandModel | None = None  # started by its first request, when set
 
     def pick(
         self, exclude: Collection[Replica] = (), affinity: str | None = None
@@ -162,6 +167,7 @@ class Lease:
         if self.replica is None:
             return
         self.replica.in_flight -= 1
+        self.replica.last_done = time.monotonic()
         if self.streaming:
             self.pool.open_streams -= 1
         self.replica = None

@@ -7,6 +7,10 @@ tree, wait until the GPU memory of that tree is free, and restart with exponenti
 to a limit after which the backend is marked failed. The replica object it owns is what the
 gateway routes by: its ``state`` and ``url`` are updated here, so requests see a loading or
 restarting model at once and get a clean 503.
+
+On-demand models (``backends.on_demand``) are not started with the others: their owner calls
+``load``, ``drain`` and ``unload``. A first start that fails ends there (the owner decides
+what comes next); a server that dies once ready is restarted as any other.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -26,6 +30,7 @@ from backends.gpu_turns import GpuTurns
 from backends.gpus import gpu_memory_holders
 from backends.health import is_healthy, is_ready
 from backends.lifecycle import BackendState
+from backends.on_demand import LoadFailed
 from backends.pool import Replica
 from backends.process import BackendProcess, free_port
 from backends.spec import VllmSpec
@@ -63,7 +68,10 @@ class Backend:
     replica: Replica
     process: BackendProcess
     health: SpawnHealth
+    on_demand: bool = False
     task: asyncio.Task[None] | None = None
+    became_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    last_error: str = ""  # why its last start failed, with the server's last log lines
 
 
 class Supervisor:
@@ -75,9 +83,11 @@ class Supervisor:
         timings: SupervisorTimings | None = None,
         gpu_memory: float | None = None,
         health: Mapping[str, SpawnHealth] | None = None,
+        on_demand: Collection[str] = (),
     ) -> None:
         """``gpu_memory``: bytes per GPU, for the KV cache a slice should give; ``health``:
-        per model name, where it differs from ``timings.health``."""
+        per model name, where it differs from ``timings.health``; ``on_demand``: the models
+        started by ``load`` rather than by ``start``."""
         self.timings = timings or SupervisorTimings()
         self.turns = GpuTurns()
         self.gpu_memory = gpu_memory
@@ -86,7 +96,9 @@ class Supervisor:
             replica = Replica(url="", state=BackendState.STOPPED, gpus=tuple(spec.gpus))
             process = BackendProcess(spec.label, Path(log_dir) / f"{spec.label}.log")
             checks = (health or {}).get(spec.name, self.timings.health)
-            self.backends[spec.label] = Backend(spec, replica, process, checks)
+            self.backends[spec.label] = Backend(
+                spec, replica, process, checks, on_demand=spec.name in on_demand
+            )
         self._client: httpx.AsyncClient | None = None
         self._progress: asyncio.Task[None] | None = None
 
@@ -98,10 +110,59 @@ class Supervisor:
             return
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(HTTP_TIMEOUT))
         for backend in self.backends.values():
-            backend.task = asyncio.create_task(
-                self._run(backend), name=f"backend:{backend.spec.label}"
-            )
+            if not backend.on_demand:
+                self._launch(backend)
         self._progress = asyncio.create_task(self._report_progress())
+
+    def _launch(self, backend: Backend) -> None:
+        backend.became_ready.clear()
+        backend.last_error = ""
+        backend.task = asyncio.create_task(self._run(backend), name=f"backend:{backend.spec.label}")
+
+    def _of(self, name: str) -> list[Backend]:
+        return [b for b in self.backends.values() if b.spec.name == name]
+
+    async def load(self, name: str) -> None:
+        """Start the servers of an on-demand model; return once one is ready. LoadFailed when
+        every one failed its first start."""
+        backends = self._of(name)
+        for backend in backends:
+            if backend.task is None or backend.task.done():
+                self._launch(backend)
+        while True:
+            if any(b.became_ready.is_set() for b in backends):
+                return
+            running = [b.task for b in backends if b.task is not None and not b.task.done()]
+            if not running:
+                raise LoadFailed("; ".join(b.last_error for b in backends if b.last_error))
+            waits = [asyncio.ensure_future(b.became_ready.wait()) for b in backends]
+            try:
+                await asyncio.wait([*running, *waits], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
+
+    def drain(self, name: str) -> None:
+        """Ready servers of the model take no new requests; the ones in flight go on."""
+        for backend in self._of(name):
+            if backend.replica.state is BackendState.READY:
+                backend.replica.move(BackendState.DRAINING)
+
+    async def unload(self, name: str) -> None:
+        """End the model's servers and wait until their GPU memory is free."""
+        backends = self._of(name)
+        tasks = [b.task for b in backends if b.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(self._end(b) for b in backends))
+
+    async def _end(self, backend: Backend) -> None:
+        pids = await backend.process.stop(self.timings.stop_grace)
+        if backend.spec.gpus and pids:
+            await self._gpu_memory_freed(backend.spec.label, pids)
+        backend.replica.move(BackendState.STOPPED)
+        backend.became_ready.clear()
 
     async def stop(self) -> None:
         tasks = [b.task for b in self.backends.values() if b.task is not None]
@@ -120,12 +181,17 @@ class Supervisor:
 
     async def _run(self, backend: Backend) -> None:
         failures_in_a_row = 0
+        first_life = True
         while True:
             became_ready = await self._start_and_watch(backend)
             pids = await backend.process.stop(self.timings.stop_grace)
             if backend.spec.gpus:
                 await self._gpu_memory_freed(backend.spec.label, pids)
             failures_in_a_row = 0 if became_ready else failures_in_a_row + 1
+            if backend.on_demand and first_life and not became_ready:
+                backend.replica.move(BackendState.STOPPED)  # a first start: its owner decides
+                return
+            first_life = False
             if failures_in_a_row > self.timings.max_restarts:
                 backend.replica.move(BackendState.FAILED)
                 log.error(
@@ -156,6 +222,7 @@ class Supervisor:
         if not await self._start_in_turn(backend):
             return False
         replica.move(BackendState.READY)
+        backend.became_ready.set()
         assert replica.ready_since is not None
         backend.process.tree()  # the engine core and workers exist now: remember them
         log.info(
@@ -242,18 +309,23 @@ class Supervisor:
         deadline = time.monotonic() + self.timings.startup_timeout
         while time.monotonic() < deadline:
             if not process.alive:
+                lines = process.tail()
+                backend.last_error = f"{spec.label} exited with code {process.returncode}: " + (
+                    lines[-1] if lines else "(no output)"
+                )
                 log.error(
                     "%s: exited with code %s while loading. Last log lines (%s):\n  %s",
                     spec.label,
                     process.returncode,
                     process.log_path,
-                    "\n  ".join(process.tail()),
+                    "\n  ".join(lines),
                 )
                 return False
             if await is_ready(self._client, replica.url, spec.name, replica.api_key):
                 return True
             await asyncio.sleep(self.timings.poll_interval)
-        log.error("%s: not ready after %.0fs", spec.label, self.timings.startup_timeout)
+        backend.last_error = f"{spec.label} not ready after {self.timings.startup_timeout:.0f}s"
+        log.error("%s", backend.last_error)
         return False
 
     async def _watch(self, backend: Backend) -> None:

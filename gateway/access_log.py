@@ -37,9 +37,28 @@ class AccessLog:
         stamp = self._clock.stamp(time.time())
         if self._json:
             entry = {"time": stamp, "level": "info", "logger": LOGGER, **_fields(record, duration)}
-            text = orjson.dumps(entry).decode() + "\n"
+            self._add(orjson.dumps(entry).decode() + "\n")
         else:
-            text = _text_line(stamp, record, duration)
+            self._add(_text_line(stamp, record, duration))
+
+    def action(self, key: str, action: str, model: str, result: str, duration: float) -> None:
+        """One admin action: which key did what to which model, and how it ended."""
+        stamp = self._clock.stamp(time.time())
+        fields = {
+            "action": action,
+            "model": model,
+            "key": key,
+            "result": result,
+            "latency_ms": round(duration * 1000, 2),
+        }
+        if self._json:
+            entry = {"time": stamp, "level": "info", "logger": LOGGER, **fields}
+            self._add(orjson.dumps(entry).decode() + "\n")
+        else:
+            pairs = " ".join(f"{name}={value}" for name, value in fields.items())
+            self._add(f"{stamp} INFO {LOGGER}: {pairs}\n")
+
+    def _add(self, text: str) -> None:
         self._lines.append(text)
         self._size += len(text)
         if self._size >= FLUSH_SIZE:
@@ -81,6 +100,8 @@ def _fields(record: RequestRecord, duration: float) -> dict[str, object]:
     }
     if record.ttfb is not None:
         fields["ttfb_ms"] = round(record.ttfb * 1000, 2)
+    if record.start_wait is not None:
+        fields["start_wait_ms"] = round(record.start_wait * 1000, 2)
     if record.usage is not None:
         fields["prompt_tokens"], fields["completion_tokens"] = record.usage
     if record.error is not None:
@@ -98,6 +119,8 @@ def _text_line(stamp: str, record: RequestRecord, duration: float) -> str:
     )
     if r.ttfb is not None:
         line += f" ttfb_ms={round(r.ttfb * 1000, 2)}"
+    if r.start_wait is not None:
+        line += f" start_wait_ms={round(r.start_wait * 1000, 2)}"
     if r.usage is not None:
         line += f" prompt_tokens={r.usage[0]} completion_tokens={r.usage[1]}"
     if r.error is not None:

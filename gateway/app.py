@@ -31,7 +31,13 @@ from gateway.keys import KeyRing, key_ring
 from gateway.relay import Relay, RelayLimits
 from gateway.routing import RELAYED_PATHS, RouteTable
 from gateway.settings import GatewaySettings
-from gateway.specs import backend_specs, gpu_memory, spawn_health
+from gateway.specs import (
+    backend_specs,
+    gpu_memory,
+    on_demand_names,
+    spawn_health,
+    switchboard,
+)
 from gateway.status import StatusReport
 from gateway.telemetry import Telemetry
 from gateway.types import ASGIApp, Receive, Scope, Send
@@ -46,8 +52,12 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             log_dir=settings.log_dir,
             gpu_memory=gpu_memory(settings),
             health=spawn_health(settings),
+            on_demand=on_demand_names(settings),
         )
+    board = switchboard(settings, supervisor)
     pools, checked = _pools(settings, supervisor)
+    for pool, _ in pools:
+        pool.on_demand = board.models.get(pool.name)
     health_checker = HealthChecker(checked)
     scraper = LoadScraper(
         [r for pool, _ in pools if pool.policy == "vllm_metrics" for r in pool.replicas]
@@ -72,6 +82,7 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
         aliases={m.name: m.aliases for m in settings.models},
         modes={m.name: "spawn" if m.vllm is not None else "connect" for m in settings.models},
         telemetry=telemetry,
+        swap_groups=board.swap_groups(),
     )
 
     @asynccontextmanager
@@ -85,6 +96,7 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             yield
         finally:
             watcher.cancel()
+            await board.close()
             await scraper.stop()
             await health_checker.stop()
             await supervisor.stop()

@@ -1,4 +1,5 @@
-"""The gateway's own endpoints: health, the model list, metrics and the status page.
+"""The gateway's own endpoints: health, the model list, metrics, the status page, and the admin
+API (``gateway.admin``).
 
 Who may call which is decided before a request gets here (``gateway.auth``).
 
@@ -22,6 +23,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.exceptions import HTTPException
 
 from gateway import waits
+from gateway.admin import add_admin_routes
 from gateway.catalog import ModelCatalog
 from gateway.errors import (
     BackendUnavailable,
@@ -86,6 +88,8 @@ def control_api(parts: ControlParts) -> FastAPI:
     @api.get("/status.json")
     async def status_json() -> Response:
         return Response(orjson.dumps(parts.status.document()), media_type="application/json")
+
+    add_admin_routes(api, parts.catalog.table, parts.telemetry)
 
     @api.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:

@@ -23,7 +23,8 @@ vLLM writes its own there, so Anthropic's SDK raises its usual exceptions.
     ├── HeadersTooLarge               431 invalid_request_error / request_header_fields_too_large
     ├── BadGateway                    502 upstream_error / bad_gateway
     ├── BackendUnavailable            503 service_unavailable / backend_unavailable
-    │   └── BackendLoading            503   code backend_loading (with Retry-After)
+    │   ├── BackendLoading            503   code backend_loading (with Retry-After)
+    │   └── ModelNotStarted           503   code model_not_started (on-demand; Retry-After)
     └── GatewayTimeout                504 timeout_error / upstream_timeout
 
 Errors from aiohttp (the layer below) are translated into these in ``gateway.upstream`` only.
@@ -31,11 +32,13 @@ Errors from aiohttp (the layer below) are translated into these in ``gateway.ups
 
 from __future__ import annotations
 
+import math
 from http import HTTPStatus
 from typing import ClassVar
 
 import orjson
 
+from backends.on_demand import Unavailable
 from gateway.types import Send
 
 
@@ -167,6 +170,16 @@ class BackendUnavailable(GatewayError):
 
 class BackendLoading(BackendUnavailable):
     code = "backend_loading"
+
+
+class ModelNotStarted(BackendUnavailable):
+    """An on-demand model could not be started for this request (``backends.on_demand``)."""
+
+    code = "model_not_started"
+
+    @classmethod
+    def because(cls, exc: Unavailable) -> ModelNotStarted:
+        return cls(str(exc), retry_after=max(1, math.ceil(exc.retry_after)))
 
 
 class GatewayTimeout(GatewayError):

@@ -10,7 +10,8 @@ relay pays a clock read per chunk, and no timer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from gateway.sweeper import Sweeper
@@ -20,21 +21,28 @@ CLIENT_GONE = "vllm_gateway.client_gone"  # the scope["extensions"] key of a Cli
 
 
 class ClientGone:
-    """The server's half: it calls ``notify`` when the client leaves before the response ends."""
+    """The server's half: it calls ``notify`` when the client leaves before the response ends,
+    and ``closing`` when the server begins to shut down with the request still open."""
 
-    __slots__ = ("callback",)
+    __slots__ = ("callback", "on_closing")
 
     def __init__(self) -> None:
         self.callback: Callable[[], None] | None = None
+        self.on_closing: Callable[[], None] | None = None
 
     def notify(self) -> None:
         if self.callback is not None:
             self.callback()
 
+    def closing(self) -> None:
+        if self.on_closing is not None:
+            self.on_closing()
+
 
 class Reason:
     CLIENT_GONE = "client_gone"
     IDLE = "idle"
+    SHUTDOWN = "shutdown"  # the server shuts down while the request waits for a model start
 
 
 class Interrupter:
@@ -68,6 +76,19 @@ class Interrupter:
         self._limit = seconds
         self._last = self._loop.time()
 
+    @contextlib.contextmanager
+    def shutdown_interrupts(self) -> Iterator[None]:
+        """Inside this block the server's shutdown interrupts too (a graceful shutdown
+        otherwise waits for every open request, and a start can take minutes)."""
+        if self._gone is None:
+            yield
+            return
+        self._gone.on_closing = lambda: self._interrupt(Reason.SHUTDOWN)
+        try:
+            yield
+        finally:
+            self._gone.on_closing = None
+
     def touch(self) -> None:
         self._last = self._loop.time()
 
@@ -75,7 +96,7 @@ class Interrupter:
         self._deadlines.discard(self, self._loop)
         self._limit = 0.0
         if self._gone is not None:
-            self._gone.callback = None
+            self._gone.callback = self._gone.on_closing = None
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None

@@ -27,6 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from backends.lifecycle import BackendState
+from backends.on_demand import ModelState, OnDemandModel
 from backends.pool import ReplicaPool
 from gateway.record import RequestRecord
 
@@ -140,6 +141,7 @@ class PoolCollector(Collector):
 
     def __init__(self, pools: list[ReplicaPool]) -> None:
         self.pools = pools
+        self.on_demand = _OnDemandSeries()
 
     def collect(self) -> Iterator[Metric]:
         in_flight = GaugeMetricFamily(
@@ -189,3 +191,48 @@ class PoolCollector(Collector):
                         if tokens is not None:
                             kv_tokens.add_metric([*labels, kind], tokens)
         yield from (in_flight, streams, state, restarts, health, kv_tokens)
+        yield from self.on_demand.collect([p.on_demand for p in self.pools if p.on_demand])
+
+
+LOAD_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+
+
+class _OnDemandSeries:
+    """On-demand models' states, read at scrape time; their load times are binned as they
+    are seen (a model keeps its recent ones only)."""
+
+    def __init__(self) -> None:
+        self.load_times: dict[tuple[str], _Histogram] = {}
+        self.seen: dict[str, int] = {}
+
+    def collect(self, models: list[OnDemandModel]) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "vllm_gateway_model_state",
+            "1 for each on-demand model's current state (stopped, starting, ready, draining).",
+            labels=["model", "state"],
+        )
+        loads = CounterMetricFamily(
+            "vllm_gateway_model_loads", "Starts of each on-demand model.", labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            "vllm_gateway_model_waiting_requests",
+            "Requests held while their on-demand model starts.",
+            labels=["model"],
+        )
+        for model in models:
+            for each in ModelState:
+                state.add_metric([model.name, each.value], 1.0 if model.state is each else 0.0)
+            loads.add_metric([model.name], model.loads)
+            waiting.add_metric([model.name], model.waiting)
+            new = model.loads - self.seen.get(model.name, 0)
+            self.seen[model.name] = model.loads
+            for seconds in model.load_times[-new:] if new > 0 else []:
+                _observe(self.load_times, (model.name,), LOAD_BUCKETS, seconds)
+        yield from (state, loads, waiting)
+        yield _histogram_family(
+            "vllm_gateway_model_load_seconds",
+            "Time from an on-demand model's start to its first ready server.",
+            ["model"],
+            LOAD_BUCKETS,
+            self.load_times,
+        )

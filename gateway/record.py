@@ -23,3 +23,4 @@ class RequestRecord:
     ttfb: float | None = None
     usage: tuple[int, int] | None = None  # prompt, completion tokens
     error: str | None = None  # the gateway's error code, when the gateway answered or cut it
+    start_wait: float | None = None  # seconds it waited for its on-demand model to start

@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 from aiohttp.payload import BytesPayload
 
+from backends.on_demand import OnDemandModel, Unavailable
 from backends.pool import Lease, Replica, ReplicaPool
 from gateway import waits
 from gateway.errors import (
@@ -25,6 +26,7 @@ from gateway.errors import (
     BackendUnavailable,
     GatewayError,
     MethodNotAllowed,
+    ModelNotStarted,
     send_error,
     sse_error_event,
 )
@@ -41,6 +43,7 @@ from gateway.upstream import UpstreamClients, downstream_headers, translate, ups
 from gateway.usage import TAIL_BYTES, UsageStripper, ask_for_usage, find_usage
 
 CLIENT_CLOSED = 499  # nginx's status for a request whose client left first (logs and metrics)
+START_WAIT_HEADER = b"x-vllm-gateway-start-wait"  # seconds it waited for its model to start
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +151,9 @@ class Relay:
         started = completed = False
         try:
             try:
+                if job.pool.on_demand is not None:
+                    with guard.shutdown_interrupts():  # not timed: a start may take minutes
+                        await self._started(job.pool.on_demand, record)
                 guard.arm(self.limits.first_byte_timeout)
                 response, lease, replica = await self._open(scope, job, head, record)
                 record.status = response.status
@@ -156,12 +162,11 @@ class Relay:
                 else:
                     replica.note_success()
                 record.stream = response.content_type == "text/event-stream"
+                headers = downstream_headers(response, head.request_id)
+                if record.start_wait is not None:
+                    headers.append((START_WAIT_HEADER, b"%.3f" % record.start_wait))
                 await send(
-                    {
-                        "type": "http.response.start",
-                        "status": response.status,
-                        "headers": downstream_headers(response, head.request_id),
-                    }
+                    {"type": "http.response.start", "status": response.status, "headers": headers}
                 )
                 started = True
                 if record.stream:
@@ -184,6 +189,11 @@ class Relay:
             if guard.reason is Reason.IDLE:
                 error = translate(TimeoutError(), job.pool.name, started=started)
                 await self._fail(send, error, started, record)
+            elif guard.reason is Reason.SHUTDOWN:
+                raise ModelNotStarted(
+                    f"The gateway is shutting down before model {job.pool.name!r} started.",
+                    retry_after=waits.RETRY_LOADING,
+                ) from None
             else:
                 record.error = "client_gone"
                 record.status = record.status if started else CLIENT_CLOSED
@@ -195,6 +205,15 @@ class Relay:
                 # Closing (not releasing) an unfinished response drops the connection, which
                 # is how vLLM learns to abort the generation.
                 response.release() if completed else response.close()
+
+    async def _started(self, model: OnDemandModel, record: RequestRecord) -> None:
+        """Hold the request until its on-demand model serves (at once when it does)."""
+        try:
+            waited = await model.ready()
+        except Unavailable as exc:
+            raise ModelNotStarted.because(exc) from None
+        if waited:
+            record.start_wait = waited
 
     async def _open(
         self, scope: Scope, job: _Job, head: RequestHead, record: RequestRecord

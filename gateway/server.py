@@ -48,6 +48,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if gone is not None and self.cycle is not None and self.cycle.disconnected:
             gone.notify()
 
+    def shutdown(self) -> None:
+        """The server begins to shut down: a request still waiting for a model start is told
+        (``gateway.interrupt``); the rest finish as uvicorn lets them."""
+        if self._client_gone is not None and not (self.cycle and self.cycle.response_started):
+            self._client_gone.closing()
+        super().shutdown()
+
     def data_received(self, data: bytes) -> None:
         if self._in_head:
             self._head_bytes += len(data)

@@ -122,6 +122,16 @@ class HealthSettings(_Strict):
     eject_seconds: float = Field(10.0, gt=0)
 
 
+class OnDemandSettings(_Strict):
+    """Spawn mode only: started by the first request, stopped when idle (seconds)."""
+
+    idle_ttl: float = Field(300.0, gt=0, description="after the last response ends")
+    start_timeout: float = Field(900.0, gt=0, description="longest a request waits for a start")
+    max_waiting: int = Field(256, ge=1, description="requests held at once while it starts")
+    min_resident: float = Field(30.0, ge=0, description="before a swap may stop it")
+    drain_timeout: float = Field(120.0, ge=0, description="a swap waits this long for requests")
+
+
 class ModelSettings(_Strict):
     name: str = Field(min_length=1)
     aliases: list[str] = Field(default_factory=list)
@@ -134,6 +144,7 @@ class ModelSettings(_Strict):
         "x-session-id", description="for balance: affinity, when the body has no `user`"
     )
     health: HealthSettings = Field(default_factory=lambda: HealthSettings())
+    on_demand: OnDemandSettings | None = None
 
     @field_validator("url")
     @classmethod
@@ -154,6 +165,8 @@ class ModelSettings(_Strict):
     def _one_mode(self) -> ModelSettings:
         if sum(x is not None for x in (self.url, self.urls, self.vllm)) != 1:
             raise ValueError("give one of `url` or `urls` (running servers) or `vllm` (spawn them)")
+        if self.on_demand is not None and self.vllm is None:
+            raise ValueError("`on_demand` needs `vllm`: the gateway starts only what it spawns")
         return self
 
     @property

@@ -1,12 +1,16 @@
-"""From the config's spawn-mode models to the supervisor's backend specs."""
+"""From the config's spawn-mode models to the supervisor's backend specs, and the on-demand
+models' switchboard."""
 
 from __future__ import annotations
 
 import sys
 
 from backends.gpus import visible_gpu_memory
+from backends.on_demand import OnDemand, OnDemandModel, Servers
+from backends.placement import shares_per_gpu
 from backends.spec import VllmSpec
 from backends.supervisor import SpawnHealth
+from backends.swaps import Switchboard
 from gateway.settings import GatewaySettings
 
 
@@ -66,3 +70,22 @@ def spawn_health(settings: GatewaySettings) -> dict[str, SpawnHealth]:
             else default.failures,
         )
     return found
+
+
+def on_demand_names(settings: GatewaySettings) -> frozenset[str]:
+    return frozenset(m.name for m in settings.models if m.on_demand is not None)
+
+
+def switchboard(settings: GatewaySettings, servers: Servers) -> Switchboard:
+    """The on-demand models, each with the GPU shares it takes when running, and the shares the
+    always-on models hold for ever."""
+    specs = backend_specs(settings)
+    names = on_demand_names(settings)
+    models = []
+    for model in settings.models:
+        if model.on_demand is None:
+            continue
+        config = OnDemand(**model.on_demand.model_dump())
+        usage = shares_per_gpu([s for s in specs if s.name == model.name])
+        models.append(OnDemandModel(model.name, config, servers, usage))
+    return Switchboard(models, shares_per_gpu([s for s in specs if s.name not in names]))

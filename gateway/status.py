@@ -20,8 +20,11 @@ class StatusReport:
         aliases: Mapping[str, list[str]],
         modes: Mapping[str, str],
         telemetry: Telemetry,
+        swap_groups: Mapping[int, list[tuple[str, str]]] | None = None,
     ) -> None:
+        """``swap_groups``: GPU -> pairs of on-demand models that take turns there."""
         self.pools = pools
+        self.swap_groups = dict(swap_groups or {})
         self.aliases = aliases
         self.modes = modes
         self.telemetry = telemetry
@@ -58,13 +61,44 @@ class StatusReport:
                     "max_model_len": pool.max_model_len,
                     "open_streams": pool.open_streams,
                     "recent": self.telemetry.windows[pool.name].summary(),
+                    "on_demand": model_document(pool) if pool.on_demand is not None else None,
                     "replicas": replicas,
                 }
             )
         return {
             "gateway": {"version": __version__, "uptime_s": round(now - self.started, 1)},
             "models": models,
+            "swap_groups": [
+                {"gpu": gpu, "models": list(pair)}
+                for gpu, pairs in self.swap_groups.items()
+                for pair in pairs
+            ],
         }
+
+
+def model_document(pool: ReplicaPool) -> dict[str, Any]:
+    """One model as the admin API and the status page show it."""
+    model = pool.on_demand
+    now, wall = time.monotonic(), time.time()
+    doc: dict[str, Any] = {
+        "name": pool.name,
+        "on_demand": model is not None,
+        "in_flight": sum(r.in_flight for r in pool.replicas),
+        "replicas": [str(r.state) for r in pool.replicas],
+    }
+    if model is None:
+        doc["state"] = "ready" if any(r.ready for r in pool.replicas) else "not ready"
+        return doc
+    doc.update(
+        state=str(model.state),
+        since=round(wall - (now - model.state_since), 3),
+        last_request=model.last_request,
+        last_load_s=round(model.load_times[-1], 2) if model.load_times else None,
+        loads=model.loads,
+        waiting=model.waiting,
+        idle_ttl=model.config.idle_ttl,
+    )
+    return doc
 
 
 def kv_cache_document(cache: KvCache) -> dict[str, Any]:

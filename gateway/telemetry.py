@@ -71,6 +71,10 @@ class Telemetry:
         endpoint = path if path in RELAYED_PATHS else OTHER_ENDPOINT
         self.finish(RequestRecord(request_id, endpoint, status=status))
 
+    def admin_action(self, key: str, action: str, model: str, result: str, duration: float) -> None:
+        if self.access_log is not None:
+            self.access_log.action(key, action, model, result, duration)
+
     def close(self) -> None:
         if self.access_log is not None:
             self.access_log.flush()

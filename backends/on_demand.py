@@ -1,0 +1,293 @@
+"""On-demand models: started by their first request, unloaded when idle or when a swap needs
+their GPUs.
+
+One ``OnDemandModel`` owns the on-demand state of one spawned model (all its replicas start
+and stop together). It is the only writer of that state, and changes it along these moves:
+
+    stopped   -> starting   a request or `/admin/models/{name}/load` asked for it; the
+                            switchboard has made room on its GPUs first (``backends.swaps``)
+    starting  -> ready      one of its servers answered ready
+              -> stopped    the start failed or outlasted `start_timeout`: every waiting request
+                            is refused, and the next start waits a backoff
+    ready     -> draining   idle for `idle_ttl`, an admin unload, or a swap needs its GPUs
+    draining  -> stopped    its requests ended, or `drain_timeout` cut them; servers ended
+
+Requests wait in ``ready()`` while the model starts (one start, however many wait) and while
+it drains (for the next start). The servers themselves are started and stopped by the
+supervisor, through the three calls of ``Servers``; their replicas keep their own states
+(``backends.lifecycle``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol
+
+from backends.pool import Replica
+
+if TYPE_CHECKING:
+    from backends.swaps import Switchboard
+
+log = logging.getLogger("vllm_gateway.on_demand")
+DRAIN_POLL = 0.1  # seconds between looks at a draining model's requests
+BACKOFF_BASE, BACKOFF_CAP = 2.0, 60.0  # after failed starts, as the supervisor's restarts
+RETRY_AFTER_FULL = 5.0  # seconds a client is told to wait when the queue is full
+MAX_KEPT_LOAD_TIMES = 1000
+
+
+@dataclass(frozen=True)
+class OnDemand:
+    """`models[].on_demand`, in seconds (and requests)."""
+
+    idle_ttl: float = 300.0
+    start_timeout: float = 900.0
+    max_waiting: int = 256
+    min_resident: float = 30.0
+    drain_timeout: float = 120.0
+
+
+class ModelState(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+
+
+class Unavailable(Exception):
+    """A waiting request cannot be served now; it is answered 503 with ``retry_after``."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueFull(Unavailable):
+    pass
+
+
+class StartFailed(Unavailable):
+    pass
+
+
+class ShuttingDown(Unavailable):
+    pass
+
+
+class LoadFailed(Exception):
+    """Raised by ``Servers.load`` when no server of the model became ready; says why."""
+
+
+class Servers(Protocol):
+    """What the supervisor does for an on-demand model."""
+
+    def replicas(self, name: str) -> list[Replica]: ...
+
+    async def load(self, name: str) -> None:
+        """Start the model's servers; return once one is ready, else raise LoadFailed."""
+
+    def drain(self, name: str) -> None:
+        """Take the model's ready servers out of the choice; their requests go on."""
+
+    async def unload(self, name: str) -> None:
+        """End the model's servers, whatever they are doing, and free their GPUs."""
+
+
+class OnDemandModel:
+    def __init__(
+        self, name: str, config: OnDemand, servers: Servers, usage: dict[int, float]
+    ) -> None:
+        """``usage``: GPU index -> the share of it the model's servers take when running."""
+        self.name = name
+        self.config = config
+        self.servers = servers
+        self.usage = usage
+        self.replicas: Sequence[Replica] = servers.replicas(name)
+        self.state = ModelState.STOPPED
+        self.state_since = time.monotonic()
+        self.waiting = 0
+        self.loads = 0
+        self.load_times: list[float] = []  # seconds per successful start, oldest first
+        self.last_request: float | None = None  # time.time(), for people
+        self.resident_since: float | None = None  # time.monotonic(), while ready
+        self.failures = 0  # failed starts in a row
+        self.not_before = 0.0  # time.monotonic() before which no start begins (backoff)
+        self.board: Switchboard | None = None  # set by the switchboard it joins
+        self._touched = 0.0  # time.monotonic() of the last request
+        self._start: asyncio.Task[None] | None = None
+        self._unload: asyncio.Task[None] | None = None
+        self._idle: asyncio.Task[None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return sum(r.in_flight for r in self.replicas)
+
+    @property
+    def busy(self) -> bool:
+        return self.waiting > 0 or self.in_flight > 0
+
+    @property
+    def last_used(self) -> float:
+        """time.monotonic() of its last activity: a request's arrival or end, or its start."""
+        ends = (r.last_done for r in self.replicas)
+        return max(self._touched, self.resident_since or 0.0, *ends)
+
+    @property
+    def serving(self) -> bool:
+        return self.state is ModelState.READY
+
+    @property
+    def resident_for(self) -> float:
+        return 0.0 if self.resident_since is None else time.monotonic() - self.resident_since
+
+    async def ready(self) -> float:
+        """Return once the model serves, starting it if needed; the seconds this waited.
+
+        Raises ``Unavailable`` when the queue is full, the start failed or the gateway stops.
+        A caller that is cancelled (its client left) leaves the queue; the start goes on.
+        """
+        self._touched, self.last_request = time.monotonic(), time.time()
+        if self.serving:
+            return 0.0
+        if self.board is not None and self.board.closing:
+            raise _shutting_down()
+        if self.waiting >= self.config.max_waiting:
+            raise QueueFull(
+                f"Model {self.name!r} is starting and {self.waiting} requests already wait "
+                "for it; retry later.",
+                retry_after=RETRY_AFTER_FULL,
+            )
+        self.waiting += 1
+        began = time.monotonic()
+        try:
+            while not self.serving:
+                if self.state is ModelState.DRAINING and self._unload is not None:
+                    await asyncio.shield(self._unload)  # then start again
+                    continue
+                start = self.load()
+                try:
+                    await asyncio.shield(start)
+                except asyncio.CancelledError:
+                    if start.cancelled():  # the gateway stops; this caller did not leave
+                        raise _shutting_down() from None
+                    raise
+            return time.monotonic() - began
+        finally:
+            self.waiting -= 1
+
+    def load(self) -> asyncio.Task[None]:
+        """The start in progress, or a new one: concurrent callers share one."""
+        if self._start is None:
+            self._start = asyncio.create_task(self._load(), name=f"load:{self.name}")
+        return self._start
+
+    def unload(self, reason: str) -> asyncio.Task[None]:
+        """Drain, then stop; the unload in progress if one is."""
+        if self._unload is None:
+            self._unload = asyncio.create_task(self._drain_and_stop(reason))
+        return self._unload
+
+    async def close(self) -> None:
+        """The gateway stops: no more starts; waiting requests are refused at once."""
+        for task in (self._start, self._idle):
+            if task is not None:
+                task.cancel()
+
+    async def _load(self) -> None:
+        try:
+            if self._unload is not None:
+                await self._unload
+            if self.state is ModelState.READY:
+                return
+            await self._start_servers()
+        finally:
+            self._start = None
+
+    async def _start_servers(self) -> None:
+        assert self.board is not None
+        config = self.config
+        began = time.monotonic()
+        try:
+            async with asyncio.timeout(config.start_timeout):
+                await self.board.make_room(self)  # waits its backoff; moves to starting
+                await self.servers.load(self.name)
+        except (TimeoutError, LoadFailed) as exc:
+            reason = str(exc) or f"not ready after {config.start_timeout:g}s (start_timeout)"
+            if self.state is ModelState.STARTING:
+                await self.servers.unload(self.name)
+                self._move(ModelState.STOPPED)
+            self.failures += 1
+            backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self.failures - 1))
+            self.not_before = time.monotonic() + backoff
+            log.error("%s: start failed: %s", self.name, reason)
+            raise StartFailed(
+                f"Model {self.name!r} could not be started: {reason}", retry_after=backoff
+            ) from None
+        except asyncio.CancelledError:
+            if self.state is ModelState.STARTING:
+                await self.servers.unload(self.name)
+                self._move(ModelState.STOPPED)
+            raise
+        seconds = time.monotonic() - began
+        self.failures, self.loads = 0, self.loads + 1
+        self.load_times = [*self.load_times[-MAX_KEPT_LOAD_TIMES + 1 :], seconds]
+        self.resident_since = time.monotonic()
+        self._move(ModelState.READY)
+        log.info("%s: loaded in %.1fs", self.name, seconds)
+        self._idle = asyncio.create_task(self._unload_when_idle(), name=f"idle:{self.name}")
+
+    async def _drain_and_stop(self, reason: str) -> None:
+        try:
+            if self._start is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._start)
+            if self.state is not ModelState.READY:
+                return
+            if self._idle is not None and self._idle is not asyncio.current_task():
+                self._idle.cancel()
+            self._idle = None
+            self._move(ModelState.DRAINING)
+            log.info("%s: unloading (%s); %d requests in flight", self.name, reason, self.in_flight)
+            self.servers.drain(self.name)
+            deadline = time.monotonic() + self.config.drain_timeout
+            while self.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(DRAIN_POLL)
+            if self.in_flight:
+                log.warning(
+                    "%s: cutting %d requests still in flight after %gs (drain_timeout)",
+                    self.name,
+                    self.in_flight,
+                    self.config.drain_timeout,
+                )
+            await self.servers.unload(self.name)
+            self.resident_since = None
+            self._move(ModelState.STOPPED)
+            log.info("%s: unloaded", self.name)
+        finally:
+            self._unload = None
+
+    async def _unload_when_idle(self) -> None:
+        """Unload `idle_ttl` seconds after the last activity; an open stream is activity."""
+        ttl = self.config.idle_ttl
+        while self.state is ModelState.READY:
+            if self.busy:
+                await asyncio.sleep(min(ttl, 1.0))
+                continue
+            quiet = time.monotonic() - self.last_used
+            if quiet >= ttl:
+                self._idle = None  # this task ends with the unload; nothing to cancel
+                await self.unload(f"idle for {ttl:g}s")
+                return
+            await asyncio.sleep(ttl - quiet)
+
+    def _move(self, to: ModelState) -> None:
+        self.state, self.state_since = to, time.monotonic()
+
+
+def _shutting_down() -> ShuttingDown:
+    return ShuttingDown("The gateway is shutting down.", retry_after=1.0)
