@@ -15,10 +15,11 @@ from typing import Any
 
 from backends import kv_cache
 from backends.gpus import visible_gpu_count
-from backends.placement import fit_warnings, gpu_map, placement_problems
+from backends.placement import fit_warnings, gpu_map, placement_problems, shares_per_gpu
 from backends.spec import shell_line
+from backends.swaps import never_together
 from gateway.settings import ConfigError, GatewaySettings, load_settings
-from gateway.specs import backend_specs, gpu_memory
+from gateway.specs import backend_specs, gpu_memory, on_demand_names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,7 +92,7 @@ def _print_config_error(exc: ConfigError) -> None:
 def _placement_ok(settings: GatewaySettings) -> bool:
     """Print refusals and weight-fit warnings; False if the layout cannot work."""
     specs = backend_specs(settings)
-    problems = placement_problems(specs, visible_gpu_count())
+    problems = placement_problems(specs, visible_gpu_count(), on_demand_names(settings))
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
     for warning in fit_warnings(specs, gpu_memory(settings)):
@@ -119,13 +120,21 @@ def plan(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     specs = backend_specs(settings)
+    on_demand = on_demand_names(settings)
+    always_on = [s for s in specs if s.name not in on_demand]
     print("GPU map:")
     for gpu, tenants in gpu_map(specs).items():
-        total = sum(share for _, share in tenants)
-        names = ", ".join(f"{name} ({share:.0%})" for name, share in tenants)
-        print(f"  GPU {gpu}: {total:.0%} used by {names}")
+        held = shares_per_gpu(always_on).get(gpu, 0.0)
+        steady = [f"{n} ({share:.0%})" for n, share in tenants if n.split("#")[0] not in on_demand]
+        turns = [f"{n} ({share:.0%})" for n, share in tenants if n.split("#")[0] in on_demand]
+        line = f"  GPU {gpu}: {held:.0%} used by {', '.join(steady) or 'no always-on model'}"
+        print(line + (f"; on demand: {', '.join(turns)}" if turns else ""))
     if not gpu_map(specs):
         print("  (no model names GPUs)")
+    usage = {n: shares_per_gpu([s for s in specs if s.name == n]) for n in sorted(on_demand)}
+    for gpu, pairs in never_together(usage, shares_per_gpu(always_on)).items():
+        for first, second in pairs:
+            print(f"  GPU {gpu}: {first} and {second} never run together (they swap)")
     memory = gpu_memory(settings)
     for model in settings.models:
         aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""

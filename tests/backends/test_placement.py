@@ -24,7 +24,21 @@ def test_oversubscribed_gpu_is_refused() -> None:
     found = placement_problems([spec("a", (0,), 0.6), spec("b", (0,), 0.5)], gpu_count=1)
     assert found == [
         "GPU 0: gpu-memory-utilization adds up to 1.10 > 0.95 (a 0.6, b 0.5); "
-        "lower the shares or move a model"
+        "lower the shares, move a model or make some on-demand"
+    ]
+
+
+def test_on_demand_models_may_oversubscribe_a_gpu_and_take_turns() -> None:
+    specs = [spec("embed", (0,), 0.2), spec("chat", (0,), 0.6), spec("reasoner", (0,), 0.7)]
+    assert placement_problems(specs, 1, on_demand={"chat", "reasoner"}) == []
+    assert placement_problems(specs, 1, on_demand={"chat"}) != []  # reasoner is always on
+
+
+def test_an_on_demand_model_that_never_fits_beside_the_always_on_ones_is_refused() -> None:
+    specs = [spec("chat", (0,), 0.6), spec("big", (0,), 0.5)]
+    assert placement_problems(specs, 1, on_demand={"big"}) == [
+        "big: on-demand, but its share 0.5 never fits GPU 0 beside the always-on models "
+        "there (0.60)"
     ]
 
 

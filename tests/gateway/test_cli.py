@@ -70,3 +70,19 @@ def test_check_warns_when_weights_do_not_fit(
     }
     assert main(["check", "--config", write(tmp_path, config)]) == 0  # a warning, not a refusal
     assert "warning: big: weights need ~144 GB" in capsys.readouterr().err
+
+
+def test_plan_names_the_on_demand_models_that_take_turns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def model(name: str, share: float, on_demand: bool) -> dict:
+        vllm = {"model": name, "gpus": [0], "args": {"gpu-memory-utilization": share}}
+        return {"name": name, "vllm": vllm, **({"on_demand": {}} if on_demand else {})}
+
+    config = {
+        "models": [model("embed", 0.2, False), model("chat", 0.6, True), model("r1", 0.6, True)]
+    }
+    assert main(["plan", "--config", write(tmp_path, config)]) == 0
+    out = capsys.readouterr().out
+    assert "GPU 0: 20% used by embed (20%); on demand: chat (60%), r1 (60%)" in out
+    assert "GPU 0: chat and r1 never run together (they swap)" in out

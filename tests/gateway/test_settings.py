@@ -124,3 +124,17 @@ def test_cli_overrides_win_over_the_file(tmp_path: Path) -> None:
 def test_log_level_is_checked() -> None:
     found = problems({"models": [CHAT], "log_level": "loud"})
     assert found[0].startswith("log_level: Input should be 'critical', 'error'")
+
+
+def test_on_demand_belongs_to_spawn_mode() -> None:
+    found = problems({"models": [{**CHAT, "on_demand": {"idle_ttl": 60}}]})
+    assert found == [
+        "models[0]: `on_demand` needs `vllm`: the gateway starts only what it spawns"
+    ]
+    spawned = {"name": "r1", "vllm": {"model": "m"}, "on_demand": {"idle_ttl": 60}}
+    settings = settings_from_dict({"models": [spawned]}, env={})
+    assert settings.models[0].on_demand is not None
+    assert settings.models[0].on_demand.start_timeout == 900  # defaults for the rest
+    assert problems({"models": [{**spawned, "on_demand": {"idle_tl": 60}}]}) == [
+        "models[0].on_demand.idle_tl: unknown option (check the spelling)"
+    ]
