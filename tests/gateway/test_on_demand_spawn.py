@@ -68,7 +68,10 @@ class OnDemandGateway:
 
     def admin(self, method: str, path: str, key: str = ADMIN) -> httpx.Response:
         return httpx.request(
-            method, f"{self.url}/admin{path}", headers={"Authorization": f"Bearer {key}"}, timeout=30
+            method,
+            f"{self.url}/admin{path}",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
         )
 
     def metric(self, line_start: str) -> float:

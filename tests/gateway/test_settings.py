@@ -128,9 +128,7 @@ def test_log_level_is_checked() -> None:
 
 def test_on_demand_belongs_to_spawn_mode() -> None:
     found = problems({"models": [{**CHAT, "on_demand": {"idle_ttl": 60}}]})
-    assert found == [
-        "models[0]: `on_demand` needs `vllm`: the gateway starts only what it spawns"
-    ]
+    assert found == ["models[0]: `on_demand` needs `vllm`: the gateway starts only what it spawns"]
     spawned = {"name": "r1", "vllm": {"model": "m"}, "on_demand": {"idle_ttl": 60}}
     settings = settings_from_dict({"models": [spawned]}, env={})
     assert settings.models[0].on_demand is not None
