@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README demo: build the environment and the tiny models, start the gateway in spawn mode
-# on config/cpu-demo.yaml (four real vLLM CPU servers), send a few example requests, and leave
+# on config/cpu-demo.yaml (three real vLLM CPU servers, a fourth on demand), send a few example requests, and leave
 # the gateway running on http://127.0.0.1:8000 until Ctrl-C. DEMO_EXIT=1 stops after the examples.
 set -euo pipefail
 cd "$(dirname "$0")/.."

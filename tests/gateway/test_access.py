@@ -63,7 +63,7 @@ async def test_admin_paths_answer_admin_keys_only(gateway: httpx.AsyncClient) ->
         c: (await gateway.get("/admin/models", headers=auth(c))).status_code for c in CALLERS
     }
     assert statuses == {
-        "admin": 404,  # no admin endpoint here yet: past the door, an unknown route
+        "admin": 200,
         "monitor": 403,
         "unrestricted": 403,
         "limited": 403,
