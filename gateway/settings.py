@@ -138,6 +138,11 @@ class ModelSettings(_Strict):
     url: str | None = None
     urls: list[str] | None = Field(None, min_length=1, description="replicas (connect mode)")
     api_key: SecretStr | None = Field(None, description="key the backend expects (connect mode)")
+    api_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="or the environment variable that holds it (a Kubernetes Secret, say)",
+    )
     vllm: VllmSpawn | None = None
     balance: Literal["least_outstanding", "vllm_metrics", "affinity"] = "least_outstanding"
     affinity_header: str = Field(
@@ -165,6 +170,10 @@ class ModelSettings(_Strict):
     def _one_mode(self) -> ModelSettings:
         if sum(x is not None for x in (self.url, self.urls, self.vllm)) != 1:
             raise ValueError("give one of `url` or `urls` (running servers) or `vllm` (spawn them)")
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give `api_key` or `api_key_env`, not both")
+        if self.api_key_env is not None and self.vllm is not None:
+            raise ValueError("`api_key_env` is for connect mode: spawned servers get their own")
         if self.on_demand is not None and self.vllm is None:
             raise ValueError("`on_demand` needs `vllm`: the gateway starts only what it spawns")
         return self
@@ -363,9 +372,31 @@ def settings_from_dict(
     if extra_keys:
         data["api_keys"] = [*(data.get("api_keys") or []), *extra_keys]
     try:
-        return GatewaySettings.model_validate(data)
+        settings = GatewaySettings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, _describe(exc)) from None
+    return _backend_keys_from(environ, settings, source)
+
+
+def _backend_keys_from(
+    environ: Mapping[str, str], settings: GatewaySettings, source: str
+) -> GatewaySettings:
+    """Each `api_key_env` read once, at load: a missing variable is a config error, not a
+    backend that answers 401 later."""
+    models, problems = [], []
+    for i, model in enumerate(settings.models):
+        if model.api_key_env is not None:
+            value = environ.get(model.api_key_env, "")
+            if not value:
+                problems.append(
+                    f"models[{i}].api_key_env: environment variable {model.api_key_env} is "
+                    "not set"
+                )
+            model = model.model_copy(update={"api_key": SecretStr(value)})
+        models.append(model)
+    if problems:
+        raise ConfigError(source, problems)
+    return settings.model_copy(update={"models": models})
 
 
 def _listed(environ: Mapping[str, str], name: str) -> list[str]:

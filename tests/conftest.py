@@ -18,7 +18,11 @@ _rig = VllmRig()
 
 def pytest_collection_modifyitems(session: pytest.Session, items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("vllm") is not None)
-    if any(item.get_closest_marker("vllm") for item in items):
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Once `-m`/`-k` have deselected what they will: `-m "not vllm"` starts no server."""
+    if any(item.get_closest_marker("vllm") for item in session.items):
         _rig.start()
 
 

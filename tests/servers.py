@@ -193,7 +193,11 @@ class GatewayProcess:
             env=subprocess_env(),
             cwd=ROOT,
         )
-        wait_until(self._listening, 30, "gateway process start")
+        try:
+            wait_until(self._listening, 60, "gateway process start")
+        except BaseException:
+            self.close()  # a gateway that came up late must not outlive the session
+            raise
 
     def _listening(self) -> bool:
         """This process, not another that took the port meanwhile, serves it."""

@@ -21,6 +21,7 @@ from gateway.specs import backend_specs
 
 VLLM_IMAGE = "vllm/vllm-openai:v0.24.0"
 VLLM_PORT = 8000
+BACKEND_KEYS_SECRET = "vllm-gateway-backend-keys"  # env of the gateway's pods (deploy/k8s/base)
 STARTUP_MINUTES = 30  # weights of a 70B model from a cold cache, then CUDA graphs
 
 
@@ -46,10 +47,17 @@ def render(settings: GatewaySettings, image: str = VLLM_IMAGE, source: str = "")
 def warnings(settings: GatewaySettings) -> list[str]:
     """What does not carry over from one host to Kubernetes as it is."""
     found = [
-        f"{m.name}: its backend api_key is a secret and is not written into the ConfigMap; "
-        "set it in the gateway's config from your own Secret"
+        f"{m.name}: its backend key is read from ${backend_key_env(m)}; put it in the Secret "
+        f"{BACKEND_KEYS_SECRET} (kubectl create secret generic {BACKEND_KEYS_SECRET} "
+        f"--from-literal={backend_key_env(m)}=...)"
         for m in settings.models
         if m.api_key is not None
+    ]
+    found += [
+        f"{m.name}: on_demand does not carry over; its Deployment runs all the time "
+        "(scale it to zero yourself, or keep it on one host)"
+        for m in settings.models
+        if m.on_demand is not None
     ]
     for spec in backend_specs(settings):
         if spec.memory_share < 0.5 and spec.replica in (None, 0):
@@ -58,6 +66,13 @@ def warnings(settings: GatewaySettings) -> list[str]:
                 "share GPUs with MIG or the device plugin's time-slicing"
             )
     return found
+
+
+def backend_key_env(model: ModelSettings) -> str:
+    """The environment variable the gateway reads a connect-mode backend's key from."""
+    if model.api_key_env is not None:
+        return model.api_key_env
+    return "VLLM_GATEWAY_BACKEND_KEY_" + re.sub(r"[^A-Z0-9]", "_", model.name.upper())
 
 
 def dns_name(name: str) -> str:
@@ -168,6 +183,8 @@ def _gateway_config(settings: GatewaySettings) -> dict[str, Any]:
             entry["url"] = f"http://vllm-{dns_name(model.name)}:{VLLM_PORT}"
         else:
             entry["urls"] = model.endpoints
+            if model.api_key is not None:  # the value stays out: a Secret provides it
+                entry["api_key_env"] = backend_key_env(model)
         entry["balance"] = model.balance
         entry["affinity_header"] = model.affinity_header
         entry["health"] = model.health.model_dump()

@@ -112,7 +112,9 @@ def test_the_generated_config_carries_every_setting_and_the_spawn_command() -> N
     objects = {obj["kind"]: obj for obj in kube.manifests(settings)}
     text = yaml.safe_dump(list(objects.values()))
     assert "sk-never-in-a-configmap" not in text and "sk-backend-secret" not in text
-    config = settings_from_dict(yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"]), env={})
+    in_cluster = {"VLLM_GATEWAY_BACKEND_KEY_EMBED": "sk-backend-secret"}  # from the Secret
+    generated = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])
+    config = settings_from_dict(generated, env=in_cluster)
     assert config.timeouts == settings.timeouts and config.cors == settings.cors
     assert (config.stream_usage, config.max_body_bytes) == ("always", 1024 * 1024)
     assert config.models[0].affinity_header == "X-Conversation"
@@ -127,7 +129,9 @@ def test_the_generated_config_carries_every_setting_and_the_spawn_command() -> N
         ]
     )
     assert "--tensor-parallel-size" in container["command"]
-    assert any("api_key" in w for w in kube.warnings(settings))
+    assert config.models[1].api_key is not None
+    assert config.models[1].api_key.get_secret_value() == "sk-backend-secret"
+    assert any("VLLM_GATEWAY_BACKEND_KEY_EMBED" in w for w in kube.warnings(settings))
 
 
 def test_dockerfile_passes_hadolint() -> None:

@@ -136,3 +136,15 @@ def test_on_demand_belongs_to_spawn_mode() -> None:
     assert problems({"models": [{**spawned, "on_demand": {"idle_tl": 60}}]}) == [
         "models[0].on_demand.idle_tl: unknown option (check the spelling)"
     ]
+
+
+def test_a_backend_key_may_come_from_the_environment() -> None:
+    model = {**CHAT, "api_key_env": "CHAT_BACKEND_KEY"}
+    settings = settings_from_dict({"models": [model]}, env={"CHAT_BACKEND_KEY": "sk-backend"})
+    assert settings.models[0].api_key is not None
+    assert settings.models[0].api_key.get_secret_value() == "sk-backend"
+    assert problems({"models": [model]}) == [
+        "models[0].api_key_env: environment variable CHAT_BACKEND_KEY is not set"
+    ]
+    both = {**model, "api_key": "sk-x"}
+    assert problems({"models": [both]}) == ["models[0]: give `api_key` or `api_key_env`, not both"]
