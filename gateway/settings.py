@@ -389,8 +389,7 @@ def _backend_keys_from(
             value = environ.get(model.api_key_env, "")
             if not value:
                 problems.append(
-                    f"models[{i}].api_key_env: environment variable {model.api_key_env} is "
-                    "not set"
+                    f"models[{i}].api_key_env: environment variable {model.api_key_env} is not set"
                 )
             model = model.model_copy(update={"api_key": SecretStr(value)})
         models.append(model)

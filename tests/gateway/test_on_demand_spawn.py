@@ -25,6 +25,7 @@ FAST = SupervisorTimings(
     poll_interval=0.05, health=SpawnHealth(interval=0.2), backoff_base=0.1, stop_grace=2
 )
 ADMIN, USER = "sk-admin", "sk-user"
+ONLY_B = "sk-only-b"
 KEYS = [{"name": "ops", "key": ADMIN, "admin": True}, {"name": "app", "key": USER}]
 
 
@@ -38,9 +39,11 @@ def on_demand_model(name: str, idle_ttl: float = 30, **args: object) -> dict[str
 
 
 class OnDemandGateway:
-    def __init__(self, tmp_path: Path, models: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, tmp_path: Path, models: list[dict[str, Any]], keys: list[dict[str, Any]] = KEYS
+    ) -> None:
         settings = gateway_settings(
-            models, launcher=[sys.executable, FAKE_VLLM], log_dir=str(tmp_path), api_keys=KEYS
+            models, launcher=[sys.executable, FAKE_VLLM], log_dir=str(tmp_path), api_keys=keys
         )
         self.supervisor = Supervisor(
             backend_specs(settings),
@@ -89,6 +92,7 @@ def gateway(tmp_path: Path) -> Iterator[OnDemandGateway]:
             on_demand_model("b"),
             on_demand_model("paced", idle_ttl=0.5, chunks=20, **{"gap-ms": 100}),
         ],
+        keys=[*KEYS, {"name": "team-b", "key": ONLY_B, "models": ["b"]}],
     )
     yield server
     server.server.close()
@@ -105,6 +109,16 @@ def test_eight_first_requests_share_one_start_and_say_how_long_they_waited(
     assert gateway.metric('vllm_gateway_model_loads_total{model="a"}') == 1
     assert gateway.metric('vllm_gateway_model_state{model="a",state="ready"}') == 1
     assert "x-vllm-gateway-start-wait" not in gateway.chat("a").headers  # no wait once up
+
+
+def test_stopped_models_are_listed_and_a_key_cannot_start_what_it_cannot_call(
+    gateway: OnDemandGateway,
+) -> None:
+    listed = httpx.get(f"{gateway.url}/v1/models", headers={"Authorization": f"Bearer {USER}"})
+    assert {m["id"] for m in listed.json()["data"]} == {"a", "b", "paced"}
+    refused = gateway.chat("a", key=ONLY_B)
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+    assert gateway.pid("a") is None  # the allow-list is checked before anything starts
 
 
 def test_models_that_cannot_share_a_gpu_take_turns(gateway: OnDemandGateway) -> None:
