@@ -67,7 +67,7 @@ class Target:
 
 
 def start_fake(port: int) -> Target:
-    cmd = [sys.executable, str(ROOT / "load" / "fake_vllm.py"), "--port", str(port)]
+    cmd = [sys.executable, str(ROOT / "tests" / "fake_vllm.py"), "--port", str(port)]
     proc = subprocess.Popen(
         pinned(0, [*cmd, "--served-model-name", "fake"]), stdout=subprocess.DEVNULL
     )

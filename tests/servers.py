@@ -22,7 +22,7 @@ from gateway.server import uvicorn_config
 from gateway.settings import GatewaySettings, settings_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE_VLLM = str(ROOT / "load" / "fake_vllm.py")
+FAKE_VLLM = str(ROOT / "tests" / "fake_vllm.py")
 
 
 def wait_until(

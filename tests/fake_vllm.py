@@ -3,7 +3,7 @@
 For load tests (so the gateway is what gets measured) and for faults a real server cannot be
 made to show on demand. Never the only evidence that a feature works: the real-vLLM tests are.
 
-    python load/fake_vllm.py --port 9001 --served-model-name m [--chunks 16 --gap-ms 5]
+    python tests/fake_vllm.py --port 9001 --served-model-name m [--chunks 16 --gap-ms 5]
 
 It accepts `vllm serve`'s flags that the gateway passes (--model, --host, --api-key, ...), so
 the supervisor can spawn it in tests as it spawns vLLM. A request may carry a `fake` object to
