@@ -16,7 +16,12 @@ to handle). The README draws the same machine; ``vllm_gateway_backend_state`` an
                 -> unhealthy      connect: failed `unhealthy_threshold` checks in a row
                 -> draining       on-demand: being unloaded; no new requests, in-flight ones end
     draining    -> stopped        its requests ended (or `drain_timeout` cut them); server ended
+                -> sleeping       on-demand with `unload: sleep`, once no request is in flight
                 -> restarting     it died while draining
+    sleeping    -> asleep         vLLM's /sleep answered and /is_sleeping says so
+    asleep      -> waking         a request (or an admin) wants it again
+    waking      -> ready          /wake_up (level 2: weights, reload, KV cache) and not sleeping
+    sleeping, asleep, waking -> restarting   it died, failed its checks, or could not wake
     unhealthy   -> ready          connect: passed `healthy_threshold` checks in a row
     restarting  -> waiting / ready (its new server is ready) / failed (too many failed starts)
     failed      the supervisor gave up; only a gateway restart brings it back
@@ -25,9 +30,8 @@ to handle). The README draws the same machine; ``vllm_gateway_backend_state`` an
 An on-demand model (``backends.on_demand``) starts in ``stopped`` and returns there when it is
 unloaded; its replicas take the same path as an always-on model's in between.
 
-States planned for the features that come next (not entered by any code yet): ``sleeping``,
-``asleep`` and ``waking`` (vLLM's sleep mode), ``restoring`` (runtime LoRA adapters loaded
-before admission), ``joining`` and ``leaving`` (discovered pods).
+States planned for the features that come next (not entered by any code yet): ``restoring``
+(runtime LoRA adapters loaded before admission), ``joining`` and ``leaving`` (discovered pods).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class BackendState(StrEnum):
     UNHEALTHY = "unhealthy"  # failing its health checks (connect mode)
     RESTARTING = "restarting"
     DRAINING = "draining"  # on-demand: unloading, in-flight requests finish first
+    SLEEPING = "sleeping"  # vLLM's sleep mode: going to sleep
+    ASLEEP = "asleep"  # weights offloaded or dropped, KV cache freed; the process lives
+    WAKING = "waking"
     FAILED = "failed"
 
 
@@ -52,7 +59,10 @@ TRANSITIONS: dict[BackendState, frozenset[BackendState]] = {
     S.WAITING: frozenset({S.LOADING, S.RESTARTING}),
     S.LOADING: frozenset({S.READY, S.RESTARTING, S.FAILED}),
     S.READY: frozenset({S.RESTARTING, S.UNHEALTHY, S.DRAINING}),
-    S.DRAINING: frozenset({S.RESTARTING}),
+    S.DRAINING: frozenset({S.RESTARTING, S.SLEEPING}),
+    S.SLEEPING: frozenset({S.ASLEEP, S.RESTARTING}),
+    S.ASLEEP: frozenset({S.WAKING, S.RESTARTING}),
+    S.WAKING: frozenset({S.READY, S.RESTARTING}),
     S.UNHEALTHY: frozenset({S.READY}),
     S.RESTARTING: frozenset({S.WAITING, S.READY, S.FAILED}),
     S.FAILED: frozenset(),

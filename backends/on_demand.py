@@ -11,6 +11,13 @@ and stop together). It is the only writer of that state, and changes it along th
                             is refused, and the next start waits a backoff
     ready     -> draining   idle for `idle_ttl`, an admin unload, or a swap needs its GPUs
     draining  -> stopped    its requests ended, or `drain_timeout` cut them; servers ended
+              -> sleeping   `unload: sleep` and no request left in flight (vLLM's sleep mode)
+    sleeping  -> asleep     the servers sleep; their processes live, their GPU memory is free
+              -> stopped    a server did not fall asleep: it is stopped instead
+    asleep    -> waking     a request or an admin wants it; room is made as for a start
+              -> stopped    a swap needs even the little an asleep model holds, or an admin
+    waking    -> ready      every server woke
+              -> starting   a wake failed: the servers restart, and the requests wait on
 
 Requests wait in ``ready()`` while the model starts (one start, however many wait) and while
 it drains (for the next start). The servers themselves are started and stopped by the
@@ -27,9 +34,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from backends.pool import Replica
+from backends.sleep_mode import SleepModeError
 
 if TYPE_CHECKING:
     from backends.swaps import Switchboard
@@ -50,6 +58,8 @@ class OnDemand:
     max_waiting: int = 256
     min_resident: float = 30.0
     drain_timeout: float = 120.0
+    unload: Literal["stop", "sleep"] = "stop"
+    sleep_level: int = 1  # for idle sleeps; a swap that must free its GPU now uses level 2
 
 
 class ModelState(StrEnum):
@@ -57,6 +67,12 @@ class ModelState(StrEnum):
     STARTING = "starting"
     READY = "ready"
     DRAINING = "draining"
+    SLEEPING = "sleeping"
+    ASLEEP = "asleep"
+    WAKING = "waking"
+
+
+SWAP_SLEEP_LEVEL = 2  # falls asleep in a blink: the weights are dropped, not copied to host
 
 
 class Unavailable(Exception):
@@ -97,22 +113,38 @@ class Servers(Protocol):
     async def unload(self, name: str) -> None:
         """End the model's servers, whatever they are doing, and free their GPUs."""
 
+    async def sleep(self, name: str, level: int) -> None:
+        """Put the model's drained servers to sleep; SleepModeError if one does not."""
+
+    async def wake(self, name: str, level: int) -> None:
+        """Wake the model's sleeping servers; SleepModeError if one does not."""
+
 
 class OnDemandModel:
     def __init__(
-        self, name: str, config: OnDemand, servers: Servers, usage: dict[int, float]
+        self,
+        name: str,
+        config: OnDemand,
+        servers: Servers,
+        usage: dict[int, float],
+        asleep_usage: dict[int, float] | None = None,
     ) -> None:
-        """``usage``: GPU index -> the share of it the model's servers take when running."""
+        """``usage``: GPU index -> the share of it the model's servers take when running;
+        ``asleep_usage``: what they keep while asleep (CUDA's context)."""
         self.name = name
         self.config = config
         self.servers = servers
         self.usage = usage
+        self.asleep_usage = asleep_usage or {}
         self.replicas: Sequence[Replica] = servers.replicas(name)
         self.state = ModelState.STOPPED
         self.state_since = time.monotonic()
         self.waiting = 0
         self.loads = 0
         self.load_times: list[float] = []  # seconds per successful start, oldest first
+        self.sleeps = self.wakes = 0
+        self.wake_times: list[float] = []  # seconds per successful wake, oldest first
+        self.slept_level = 0  # the level it went to sleep with, while asleep
         self.last_request: float | None = None  # time.time(), for people
         self.resident_since: float | None = None  # time.monotonic(), while ready
         self.failures = 0  # failed starts in a row
@@ -166,8 +198,8 @@ class OnDemandModel:
         began = time.monotonic()
         try:
             while not self.serving:
-                if self.state is ModelState.DRAINING and self._unload is not None:
-                    await asyncio.shield(self._unload)  # then start again
+                if self._unload is not None:  # draining or falling asleep: then bring it up
+                    await asyncio.shield(self._unload)
                     continue
                 start = self.load()
                 try:
@@ -186,10 +218,15 @@ class OnDemandModel:
             self._start = asyncio.create_task(self._load(), name=f"load:{self.name}")
         return self._start
 
-    def unload(self, reason: str) -> asyncio.Task[None]:
-        """Drain, then stop; the unload in progress if one is."""
+    def unload(
+        self, reason: str, *, stop: bool = False, level: int | None = None
+    ) -> asyncio.Task[None]:
+        """Drain, then sleep (`unload: sleep`, at ``level`` or the configured one) or stop
+        (``stop``, or `unload: stop`); the unload in progress if one is."""
         if self._unload is None:
-            self._unload = asyncio.create_task(self._drain_and_stop(reason))
+            sleep = self.config.unload == "sleep" and not stop
+            chosen = (level or self.config.sleep_level) if sleep else 0
+            self._unload = asyncio.create_task(self._release(reason, chosen))
         return self._unload
 
     async def close(self) -> None:
@@ -204,17 +241,24 @@ class OnDemandModel:
                 await self._unload
             if self.state is ModelState.READY:
                 return
-            await self._start_servers()
+            await self._bring_up()
         finally:
             self._start = None
 
-    async def _start_servers(self) -> None:
+    async def _bring_up(self) -> None:
+        """Wake the model if it sleeps (a failed wake restarts it), else start it."""
         assert self.board is not None
         config = self.config
         began = time.monotonic()
         try:
             async with asyncio.timeout(config.start_timeout):
-                await self.board.make_room(self)  # waits its backoff; moves to starting
+                if self.state is ModelState.ASLEEP:
+                    await self.board.make_room(self, ModelState.WAKING)
+                    if await self._woke():
+                        return self._up("woke", began)
+                    self._move(ModelState.STARTING)
+                else:
+                    await self.board.make_room(self, ModelState.STARTING)  # after its backoff
                 await self.servers.load(self.name)
         except (TimeoutError, LoadFailed) as exc:
             reason = str(exc) or f"not ready after {config.start_timeout:g}s (start_timeout)"
@@ -229,23 +273,43 @@ class OnDemandModel:
                 f"Model {self.name!r} could not be started: {reason}", retry_after=backoff
             ) from None
         except asyncio.CancelledError:
-            if self.state is ModelState.STARTING:
+            if self.state in (ModelState.STARTING, ModelState.WAKING):
                 await self.servers.unload(self.name)
                 self._move(ModelState.STOPPED)
             raise
+        self._up("loaded", began)
+
+    async def _woke(self) -> bool:
+        try:
+            await self.servers.wake(self.name, self.slept_level)
+        except SleepModeError as exc:
+            log.error("%s: wake failed (%s); restarting its servers", self.name, exc)
+            await self.servers.unload(self.name)
+            return False
+        return True
+
+    def _up(self, how: Literal["loaded", "woke"], began: float) -> None:
         seconds = time.monotonic() - began
-        self.failures, self.loads = 0, self.loads + 1
-        self.load_times = [*self.load_times[-MAX_KEPT_LOAD_TIMES + 1 :], seconds]
+        if how == "woke":
+            self.wakes += 1
+            self.wake_times = [*self.wake_times[-MAX_KEPT_LOAD_TIMES + 1 :], seconds]
+        else:
+            self.loads += 1
+            self.load_times = [*self.load_times[-MAX_KEPT_LOAD_TIMES + 1 :], seconds]
+        self.failures, self.slept_level = 0, 0
         self.resident_since = time.monotonic()
         self._move(ModelState.READY)
-        log.info("%s: loaded in %.1fs", self.name, seconds)
+        log.info("%s: %s in %.2fs", self.name, how, seconds)
         self._idle = asyncio.create_task(self._unload_when_idle(), name=f"idle:{self.name}")
 
-    async def _drain_and_stop(self, reason: str) -> None:
+    async def _release(self, reason: str, sleep_level: int) -> None:
+        """Drain, then put to sleep at ``sleep_level`` (0: stop)."""
         try:
             if self._start is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._start)
+            if self.state is ModelState.ASLEEP and not sleep_level:
+                return await self._stop(reason)  # even the little it holds asleep must go
             if self.state is not ModelState.READY:
                 return
             if self._idle is not None and self._idle is not asyncio.current_task():
@@ -257,6 +321,8 @@ class OnDemandModel:
             deadline = time.monotonic() + self.config.drain_timeout
             while self.in_flight and time.monotonic() < deadline:
                 await asyncio.sleep(DRAIN_POLL)
+            if sleep_level and not self.in_flight and await self._fell_asleep(sleep_level):
+                return
             if self.in_flight:
                 log.warning(
                     "%s: cutting %d requests still in flight after %gs (drain_timeout)",
@@ -264,12 +330,28 @@ class OnDemandModel:
                     self.in_flight,
                     self.config.drain_timeout,
                 )
-            await self.servers.unload(self.name)
-            self.resident_since = None
-            self._move(ModelState.STOPPED)
-            log.info("%s: unloaded", self.name)
+            await self._stop(reason)
         finally:
             self._unload = None
+
+    async def _fell_asleep(self, level: int) -> bool:
+        """Only with nothing in flight: vLLM has crashed when put to sleep mid-decode."""
+        self._move(ModelState.SLEEPING)
+        try:
+            await self.servers.sleep(self.name, level)
+        except SleepModeError as exc:
+            log.error("%s: did not fall asleep (%s); stopping it instead", self.name, exc)
+            return False
+        self.sleeps, self.slept_level = self.sleeps + 1, level
+        self.resident_since = None
+        self._move(ModelState.ASLEEP)
+        return True
+
+    async def _stop(self, reason: str) -> None:
+        await self.servers.unload(self.name)
+        self.resident_since, self.slept_level = None, 0
+        self._move(ModelState.STOPPED)
+        log.info("%s: stopped (%s)", self.name, reason)
 
     async def _unload_when_idle(self) -> None:
         """Unload `idle_ttl` seconds after the last activity; an open stream is activity."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from backends import kv_cache
+from backends import kv_cache, sleep_mode
 from backends.gpu_turns import GpuTurns
 from backends.gpus import gpu_memory_holders
 from backends.health import is_healthy, is_ready
@@ -60,6 +60,7 @@ class SupervisorTimings:
     stop_grace: float = 15.0
     progress_interval: float = 15.0
     gpu_release_timeout: float = 120.0  # for the old tree's GPU memory before a restart
+    sleep_timeout: float = 300.0  # one sleep or wake call (level 1 copies weights to host)
 
 
 @dataclass(eq=False)
@@ -156,6 +157,46 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(self._end(b) for b in backends))
+
+    async def sleep(self, name: str, level: int) -> None:
+        """Put the model's drained servers to sleep (``backends.sleep_mode``); SleepModeError
+        if one does not fall asleep (its owner then stops it)."""
+        assert self._client is not None
+        for backend in self._of(name):
+            replica = backend.replica
+            if replica.state is not BackendState.DRAINING:
+                continue
+            replica.move(BackendState.SLEEPING)
+            began = time.monotonic()
+            await sleep_mode.put_to_sleep(
+                self._client, replica.url, level, self.timings.sleep_timeout
+            )
+            replica.move(BackendState.ASLEEP)
+            backend.became_ready.clear()
+            log.info(
+                "%s: asleep (level %d) after %.2fs",
+                backend.spec.label,
+                level,
+                time.monotonic() - began,
+            )
+
+    async def wake(self, name: str, level: int) -> None:
+        """Wake the model's sleeping servers, each in its GPU turn (a wake allocates the KV
+        cache again, as a start does). SleepModeError if one does not wake."""
+        assert self._client is not None
+        for backend in self._of(name):
+            spec, replica = backend.spec, backend.replica
+            if replica.state is not BackendState.ASLEEP:
+                continue
+            replica.move(BackendState.WAKING)
+            async with self.turns.turn(spec.label, spec.gpus):
+                began = time.monotonic()
+                await sleep_mode.wake_up(
+                    self._client, replica.url, level, self.timings.sleep_timeout
+                )
+            replica.move(BackendState.READY)
+            backend.became_ready.set()
+            log.info("%s: awake after %.2fs", spec.label, time.monotonic() - began)
 
     async def _end(self, backend: Backend) -> None:
         pids = await backend.process.stop(self.timings.stop_grace)

@@ -22,6 +22,7 @@ from backends.on_demand import (
     StartFailed,
 )
 from backends.pool import Replica
+from backends.sleep_mode import SleepModeError
 from backends.swaps import Switchboard, never_together
 
 S = BackendState
@@ -36,6 +37,9 @@ class GatedServers:
         self.failing: set[str] = set()
         self.loads: Counter[str] = Counter()
         self.unloads: Counter[str] = Counter()
+        self.calls: list[str] = []
+        self.insomniac: set[str] = set()  # answer /sleep but stay awake
+        self.unwakeable: set[str] = set()
 
     def replicas(self, name: str) -> list[Replica]:
         return self._replicas.setdefault(name, [Replica(url=f"http://{name}", state=S.STOPPED)])
@@ -61,13 +65,33 @@ class GatedServers:
         for replica in self.replicas(name):
             replica.move(S.STOPPED)
 
+    async def sleep(self, name: str, level: int) -> None:
+        self.calls.append(f"sleep {name} {level}")
+        if name in self.insomniac:
+            raise SleepModeError(f"{name} answered /sleep but is awake")
+        for replica in self.replicas(name):
+            assert replica.in_flight == 0, "put to sleep with a request in flight"
+            replica.move(S.SLEEPING)
+            replica.move(S.ASLEEP)
+
+    async def wake(self, name: str, level: int) -> None:
+        self.calls.append(f"wake {name} {level}")
+        if name in self.unwakeable:
+            raise SleepModeError(f"{name} did not wake")
+        for replica in self.replicas(name):
+            replica.move(S.WAKING)
+            replica.move(S.READY)
+
 
 def board_of(
-    servers: GatedServers, shares: dict[str, float], **config: float
+    servers: GatedServers, shares: dict[str, float], **config: float | str
 ) -> tuple[Switchboard, dict[str, OnDemandModel]]:
-    """On-demand models that all live on GPU 0 with the given shares."""
+    """On-demand models that all live on GPU 0 with the given shares (0.01 while asleep)."""
     settings = OnDemand(**config)  # type: ignore[arg-type]
-    models = {n: OnDemandModel(n, settings, servers, {0: s}) for n, s in shares.items()}
+    models = {
+        n: OnDemandModel(n, settings, servers, {0: s}, asleep_usage={0: 0.01})
+        for n, s in shares.items()
+    }
     return Switchboard(models.values()), models
 
 
@@ -220,3 +244,80 @@ async def test_always_on_shares_count_and_pairs_that_never_fit_are_named() -> No
     board = Switchboard(models.values(), always_on={0: 0.5})
     assert board.swap_groups() == {0: [("a", "b")]}  # 0.5 + 0.3 + 0.3 > 0.95
     assert never_together({"a": {0: 0.3}, "b": {1: 0.9}}, {}) == {}
+
+
+async def opened(servers: GatedServers, *names: str) -> GatedServers:
+    for name in names:
+        servers.gate(name).set()
+    return servers
+
+
+async def test_an_idle_sleep_mode_model_falls_asleep_and_a_request_wakes_it() -> None:
+    servers = await opened(GatedServers(), "a")
+    _, models = board_of(servers, {"a": 0.6}, unload="sleep", sleep_level=1, idle_ttl=0.2)
+    model = models["a"]
+    await model.ready()
+    await asyncio.sleep(0.5)
+    assert model.state is ModelState.ASLEEP and model.replicas[0].state is S.ASLEEP
+    assert servers.calls == ["sleep a 1"] and servers.unloads["a"] == 0  # the process lives
+    assert await model.ready() > 0
+    assert servers.calls == ["sleep a 1", "wake a 1"] and servers.loads["a"] == 1
+    assert (model.sleeps, model.wakes, model.state) == (1, 1, ModelState.READY)
+
+
+async def test_a_swap_puts_the_other_model_to_sleep_at_level_2_and_counts_only_its_context() -> (
+    None
+):
+    servers = await opened(GatedServers(), "a", "b")
+    board, models = board_of(servers, {"a": 0.6, "b": 0.6}, unload="sleep", min_resident=0)
+    await models["a"].ready()
+    await models["b"].ready()
+    assert servers.calls == ["sleep a 2"]  # fast to fall asleep: the weights are dropped
+    assert models["a"].state is ModelState.ASLEEP and board.held() == {0: 0.61}
+    await models["a"].ready()  # and back: b sleeps, a wakes with the level it slept at
+    assert servers.calls == ["sleep a 2", "sleep b 2", "wake a 2"]
+
+
+async def test_a_model_with_requests_in_flight_is_drained_before_it_sleeps() -> None:
+    servers = await opened(GatedServers(), "a")
+    _, models = board_of(servers, {"a": 0.6}, unload="sleep", drain_timeout=5)
+    model = models["a"]
+    await model.ready()
+    model.replicas[0].in_flight = 1
+    sleeping = model.unload("admin sleep")
+    await asyncio.sleep(0.3)
+    assert model.state is ModelState.DRAINING and servers.calls == []
+    model.replicas[0].in_flight = 0
+    await sleeping
+    assert model.state is ModelState.ASLEEP and servers.calls == ["sleep a 1"]
+
+
+async def test_requests_still_in_flight_after_drain_timeout_mean_a_stop_not_a_sleep() -> None:
+    servers = await opened(GatedServers(), "a")
+    _, models = board_of(servers, {"a": 0.6}, unload="sleep", drain_timeout=0.2)
+    model = models["a"]
+    await model.ready()
+    model.replicas[0].in_flight = 1
+    await model.unload("admin sleep")
+    assert model.state is ModelState.STOPPED and servers.calls == []
+
+
+async def test_a_server_that_does_not_fall_asleep_is_stopped() -> None:
+    servers = await opened(GatedServers(), "a")
+    servers.insomniac.add("a")
+    _, models = board_of(servers, {"a": 0.6}, unload="sleep")
+    await models["a"].ready()
+    await models["a"].unload("idle")
+    assert models["a"].state is ModelState.STOPPED and servers.unloads["a"] == 1
+
+
+async def test_a_failed_wake_restarts_the_servers_and_the_request_still_gets_through() -> None:
+    servers = await opened(GatedServers(), "a")
+    _, models = board_of(servers, {"a": 0.6}, unload="sleep")
+    model = models["a"]
+    await model.ready()
+    await model.unload("idle")
+    servers.unwakeable.add("a")
+    assert await model.ready() > 0
+    assert servers.calls[-1] == "wake a 1" and servers.loads["a"] == 2
+    assert model.state is ModelState.READY and (model.wakes, model.loads) == (0, 2)
