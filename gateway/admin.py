@@ -4,6 +4,8 @@
                                        time, requests in flight and waiting
     POST /admin/models/{name}/load     start an on-demand model; answers once it is ready
     POST /admin/models/{name}/unload   drain an on-demand model, then stop it
+    POST /admin/models/{name}/sleep    drain it, then put it to sleep (`?level=1|2`)
+    POST /admin/models/{name}/wake     wake an asleep model; answers once it is ready
 
 Who may call these is decided before a request gets here (``gateway.auth``). Every action
 writes one access-log line: the key's name, the action, the model and how it ended.
@@ -21,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from backends.on_demand import ModelState, OnDemandModel, Unavailable
+from backends.sleep_mode import LEVELS
 from gateway.errors import GatewayError, InvalidRequest, ModelNotStarted
 from gateway.keys import SCOPE_KEY, ApiKey
 from gateway.routing import RouteTable
@@ -49,8 +52,36 @@ def add_admin_routes(api: FastAPI, table: RouteTable, telemetry: Telemetry) -> N
         model = _on_demand(table, name)
         async with _action(telemetry, request, "unload", model.name) as outcome:
             if model.state is not ModelState.STOPPED:
-                await model.unload("admin unload")
-            outcome["result"] = "stopped"
+                await model.unload("admin unload", stop=True)
+            outcome["result"] = str(model.state)
+        return _json(model_document(table.resolve(name).pool))
+
+    @api.post("/admin/models/{name:path}/sleep")
+    async def sleep(name: str, request: Request, level: int | None = None) -> Response:
+        model = _on_demand(table, name)
+        if model.config.unload != "sleep":
+            raise InvalidRequest(
+                f"Model {model.name!r} does not run in sleep mode; set `on_demand.unload: "
+                "sleep` in its config."
+            )
+        if level is not None and level not in LEVELS:
+            raise InvalidRequest(f"level must be one of {LEVELS}.", param="level")
+        async with _action(telemetry, request, "sleep", model.name) as outcome:
+            await model.unload("admin sleep", level=level)
+            outcome["result"] = str(model.state)
+        return _json(model_document(table.resolve(name).pool))
+
+    @api.post("/admin/models/{name:path}/wake")
+    async def wake(name: str, request: Request) -> Response:
+        model = _on_demand(table, name)
+        if model.state is not ModelState.ASLEEP:
+            raise InvalidRequest(f"Model {model.name!r} is not asleep (it is {model.state}).")
+        async with _action(telemetry, request, "wake", model.name) as outcome:
+            try:
+                await model.ready()
+            except Unavailable as exc:
+                raise ModelNotStarted.because(exc) from None
+            outcome["result"] = str(model.state)
         return _json(model_document(table.resolve(name).pool))
 
 

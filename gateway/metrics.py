@@ -194,7 +194,7 @@ class PoolCollector(Collector):
         yield from self.on_demand.collect([p.on_demand for p in self.pools if p.on_demand])
 
 
-LOAD_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
 
 class _OnDemandSeries:
@@ -203,12 +203,14 @@ class _OnDemandSeries:
 
     def __init__(self) -> None:
         self.load_times: dict[tuple[str], _Histogram] = {}
-        self.seen: dict[str, int] = {}
+        self.wake_times: dict[tuple[str], _Histogram] = {}
+        self.seen: dict[tuple[str, str], int] = {}  # (model, loads|wakes) -> counted so far
 
     def collect(self, models: list[OnDemandModel]) -> Iterator[Metric]:
         state = GaugeMetricFamily(
             "vllm_gateway_model_state",
-            "1 for each on-demand model's current state (stopped, starting, ready, draining).",
+            "1 for each on-demand model's current state (stopped, starting, ready, draining, "
+            "sleeping, asleep, waking).",
             labels=["model", "state"],
         )
         loads = CounterMetricFamily(
@@ -219,16 +221,22 @@ class _OnDemandSeries:
             "Requests held while their on-demand model starts.",
             labels=["model"],
         )
+        sleeps = CounterMetricFamily(
+            "vllm_gateway_model_sleeps", "Times an on-demand model fell asleep.", labels=["model"]
+        )
+        wakes = CounterMetricFamily(
+            "vllm_gateway_model_wakes", "Times an on-demand model woke up.", labels=["model"]
+        )
         for model in models:
             for each in ModelState:
                 state.add_metric([model.name, each.value], 1.0 if model.state is each else 0.0)
             loads.add_metric([model.name], model.loads)
+            sleeps.add_metric([model.name], model.sleeps)
+            wakes.add_metric([model.name], model.wakes)
             waiting.add_metric([model.name], model.waiting)
-            new = model.loads - self.seen.get(model.name, 0)
-            self.seen[model.name] = model.loads
-            for seconds in model.load_times[-new:] if new > 0 else []:
-                _observe(self.load_times, (model.name,), LOAD_BUCKETS, seconds)
-        yield from (state, loads, waiting)
+            self._bin(model.name, "loads", model.loads, model.load_times, self.load_times)
+            self._bin(model.name, "wakes", model.wakes, model.wake_times, self.wake_times)
+        yield from (state, loads, sleeps, wakes, waiting)
         yield _histogram_family(
             "vllm_gateway_model_load_seconds",
             "Time from an on-demand model's start to its first ready server.",
@@ -236,3 +244,23 @@ class _OnDemandSeries:
             LOAD_BUCKETS,
             self.load_times,
         )
+        yield _histogram_family(
+            "vllm_gateway_model_wake_seconds",
+            "Time from an asleep model's wake call to its servers serving again.",
+            ["model"],
+            LOAD_BUCKETS,
+            self.wake_times,
+        )
+
+    def _bin(
+        self,
+        model: str,
+        kind: str,
+        count: int,
+        recent: list[float],
+        histograms: dict[tuple[str], _Histogram],
+    ) -> None:
+        new = count - self.seen.get((model, kind), 0)
+        self.seen[(model, kind)] = count
+        for seconds in recent[-new:] if new > 0 else []:
+            _observe(histograms, (model,), LOAD_BUCKETS, seconds)

@@ -130,6 +130,10 @@ class OnDemandSettings(_Strict):
     max_waiting: int = Field(256, ge=1, description="requests held at once while it starts")
     min_resident: float = Field(30.0, ge=0, description="before a swap may stop it")
     drain_timeout: float = Field(120.0, ge=0, description="a swap waits this long for requests")
+    unload: Literal["stop", "sleep"] = Field("stop", description="sleep: vLLM's sleep mode")
+    sleep_level: Literal[1, 2] = Field(
+        1, description="1: weights to host memory, KV cache dropped; 2: both dropped"
+    )
 
 
 class ModelSettings(_Strict):

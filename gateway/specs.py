@@ -8,6 +8,7 @@ import sys
 from backends.gpus import visible_gpu_memory
 from backends.on_demand import OnDemand, OnDemandModel, Servers
 from backends.placement import shares_per_gpu
+from backends.sleep_mode import DEV_MODE_ENV, SLEEP_MODE_FLAG
 from backends.spec import VllmSpec
 from backends.supervisor import SpawnHealth
 from backends.swaps import Switchboard
@@ -21,6 +22,10 @@ def backend_specs(settings: GatewaySettings) -> list[VllmSpec]:
         if model.vllm is None:
             continue
         groups = model.vllm.replica_gpus()
+        args, env = dict(model.vllm.args), dict(model.vllm.env)
+        if model.on_demand is not None and model.on_demand.unload == "sleep":
+            args[SLEEP_MODE_FLAG] = True
+            env.update(DEV_MODE_ENV)
         for index, gpus in enumerate(groups):
             specs.append(
                 VllmSpec(
@@ -28,8 +33,8 @@ def backend_specs(settings: GatewaySettings) -> list[VllmSpec]:
                     model=model.vllm.model,
                     launcher=launcher(settings.launcher),
                     gpus=tuple(gpus),
-                    args=dict(model.vllm.args),
-                    env=dict(model.vllm.env),
+                    args=args,
+                    env=env,
                     replica=index if len(groups) > 1 else None,
                 )
             )
@@ -72,6 +77,10 @@ def spawn_health(settings: GatewaySettings) -> dict[str, SpawnHealth]:
     return found
 
 
+# What an asleep server keeps on each of its GPUs: CUDA's context (see load/results).
+CUDA_CONTEXT_BYTES = 0.5 * 2**30
+
+
 def on_demand_names(settings: GatewaySettings) -> frozenset[str]:
     return frozenset(m.name for m in settings.models if m.on_demand is not None)
 
@@ -81,11 +90,13 @@ def switchboard(settings: GatewaySettings, servers: Servers) -> Switchboard:
     always-on models hold for ever."""
     specs = backend_specs(settings)
     names = on_demand_names(settings)
+    memory = gpu_memory(settings)
     models = []
     for model in settings.models:
         if model.on_demand is None:
             continue
         config = OnDemand(**model.on_demand.model_dump())
         usage = shares_per_gpu([s for s in specs if s.name == model.name])
-        models.append(OnDemandModel(model.name, config, servers, usage))
+        asleep = {g: CUDA_CONTEXT_BYTES / memory for g in usage} if memory else {}
+        models.append(OnDemandModel(model.name, config, servers, usage, asleep))
     return Switchboard(models, shares_per_gpu([s for s in specs if s.name not in names]))

@@ -95,6 +95,10 @@ def model_document(pool: ReplicaPool) -> dict[str, Any]:
         last_request=model.last_request,
         last_load_s=round(model.load_times[-1], 2) if model.load_times else None,
         loads=model.loads,
+        sleeps=model.sleeps,
+        wakes=model.wakes,
+        last_wake_s=round(model.wake_times[-1], 2) if model.wake_times else None,
+        unload=model.config.unload,
         waiting=model.waiting,
         idle_ttl=model.config.idle_ttl,
     )

@@ -13,7 +13,10 @@ echo_headers answers with the headers and the URL (path and query) it received.
 `GET /fake/stats` reports requests started, completed and aborted (client went away).
 `--num-gpu-blocks N` adds vLLM's `vllm:cache_config_info` series (block size 16) to /metrics;
 `--engine-core` starts a child process that, like vLLM's engine core, outlives a server killed
-with SIGKILL.
+with SIGKILL. `--enable-sleep-mode` with `VLLM_SERVER_DEV_MODE=1` serves vLLM's sleep endpoints
+(`--fail-wake`: /wake_up fails) and counts a `violation` in /fake/stats, loudly on stderr, when
+put to sleep with a request in flight, asked to generate asleep, or woken from level 2 without
+`reload_weights`.
 """
 
 from __future__ import annotations
@@ -41,9 +44,24 @@ class Options:
     max_model_len: int = 2048
     startup_delay: float = 0.0
     num_gpu_blocks: int | None = None
+    sleep_mode: bool = False  # --enable-sleep-mode with VLLM_SERVER_DEV_MODE=1, as vLLM wants
+    fail_wake: bool = False
+    asleep: int = 0  # the level it sleeps at; 0 awake
+    weights: bool = True  # False from a level-2 sleep until reload_weights
     stats: dict[str, int] = field(
-        default_factory=lambda: {"started": 0, "completed": 0, "aborted": 0}
+        default_factory=lambda: {
+            "started": 0,
+            "completed": 0,
+            "aborted": 0,
+            "sleeps": 0,
+            "wakes": 0,
+            "violations": 0,  # put to sleep mid-request, asked to generate asleep or unloaded
+        }
     )
+
+    @property
+    def running(self) -> int:
+        return self.stats["started"] - self.stats["completed"] - self.stats["aborted"]
 
 
 class _Request:
@@ -112,8 +130,10 @@ class FakeVllmProtocol(asyncio.Protocol):
             return self._write(200, b"")
         if path == b"/fake/stats":
             return self._write(200, orjson.dumps(opts.stats))
+        if opts.sleep_mode and path in _SLEEP_PATHS:
+            return self._sleep_mode(path, req)
         if path == b"/metrics":  # the three load gauges vLLM exports, from this fake's own work
-            running = opts.stats["started"] - opts.stats["completed"] - opts.stats["aborted"]
+            running = opts.running
             cache = b""
             if opts.num_gpu_blocks is not None:
                 cache = (
@@ -167,6 +187,9 @@ class FakeVllmProtocol(asyncio.Protocol):
             cookie = str(fake.get("set_cookie", "")).encode()
             extra = b"set-cookie: %s\r\n" % cookie if cookie else b""
             return self._write(200, orjson.dumps(echo), extra_headers=extra)
+        if opts.asleep or not opts.weights:  # vLLM would hang, or answer from no weights
+            self._violation(f"asked for {path.decode()} while asleep or without weights")
+            return self._write(500, _error("fake: generation while asleep", 500))
         opts.stats["started"] += 1
         try:
             if fake.get("hang"):
@@ -186,6 +209,35 @@ class FakeVllmProtocol(asyncio.Protocol):
             opts.stats["completed"] += 1
         except asyncio.CancelledError:
             opts.stats["aborted"] += 1
+
+    def _sleep_mode(self, path: bytes, req: _Request) -> None:
+        """vLLM's dev endpoints, with the order a level-2 wake needs."""
+        opts, query = self.options, req.url.partition(b"?")[2].decode()
+        if path == b"/is_sleeping":
+            return self._write(200, orjson.dumps({"is_sleeping": bool(opts.asleep)}))
+        if path == b"/sleep":
+            if opts.running:
+                self._violation(f"put to sleep with {opts.running} requests in flight")
+            opts.asleep = 2 if "level=2" in query else 1
+            opts.weights = opts.asleep == 1
+            opts.stats["sleeps"] += 1
+            return self._write(200, b"")
+        if path == b"/collective_rpc":
+            if orjson.loads(req.body or b"{}").get("method") == "reload_weights":
+                opts.weights = True
+            return self._write(200, b'{"results":[null]}')
+        if opts.fail_wake:  # /wake_up
+            return self._write(500, _error("fake: cannot wake", 500))
+        if "tags=weights" not in query:  # a full wake, or the KV cache after the weights
+            if not opts.weights:
+                self._violation("woke from level 2 without reload_weights")
+            opts.asleep = 0
+            opts.stats["wakes"] += 1
+        return self._write(200, b"")
+
+    def _violation(self, what: str) -> None:
+        self.options.stats["violations"] += 1
+        print(f"FAKE VLLM VIOLATION: {what}", file=sys.stderr, flush=True)
 
     def _chunks(self, fake: dict[str, Any]) -> int:
         return int(fake.get("chunks", self.options.chunks))
@@ -257,6 +309,9 @@ class FakeVllmProtocol(asyncio.Protocol):
             self.transport.close()
 
 
+_SLEEP_PATHS = frozenset({b"/sleep", b"/wake_up", b"/is_sleeping", b"/collective_rpc"})
+
+
 def _error(message: str, status: int) -> bytes:
     return orjson.dumps(
         {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
@@ -322,6 +377,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Options]:
     parser.add_argument("--startup-delay", type=float, default=0.0, help="seconds before listening")
     parser.add_argument("--num-gpu-blocks", type=int, help="report this KV cache in /metrics")
     parser.add_argument("--engine-core", action="store_true", help="start a long-lived child")
+    parser.add_argument("--enable-sleep-mode", action="store_true")
+    parser.add_argument("--fail-wake", action="store_true", help="/wake_up answers 500")
     args, _unknown = parser.parse_known_args(argv)  # ignore other vLLM flags
     options = Options(
         served_names=args.served_model_name or [args.model_pos or args.model],
@@ -331,6 +388,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Options]:
         max_model_len=args.max_model_len,
         startup_delay=args.startup_delay,
         num_gpu_blocks=args.num_gpu_blocks,
+        sleep_mode=args.enable_sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1",
+        fail_wake=args.fail_wake,
     )
     return args, options
 

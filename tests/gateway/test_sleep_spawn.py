@@ -1,0 +1,119 @@
+"""Sleep mode through the gateway, with the fake vLLM's sleep endpoints (which count every
+misuse a real vLLM would crash or hang on). The GPU run in load/results shows real vLLM."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.gateway.test_on_demand_spawn import USER, OnDemandGateway, on_demand_model
+from tests.servers import alive, wait_until
+
+
+def sleeper(name: str, level: int = 1, idle_ttl: float = 30, **args: object) -> dict[str, Any]:
+    model = on_demand_model(name, idle_ttl=idle_ttl, **args)
+    model["on_demand"].update(unload="sleep", sleep_level=level)
+    return model
+
+
+class SleepGateway(OnDemandGateway):
+    def stats(self, name: str) -> dict[str, int]:
+        url = self.supervisor.backends[name].replica.url
+        result: dict[str, int] = httpx.get(f"{url}/fake/stats").json()
+        return result
+
+    def state(self, name: str) -> str:
+        listing = self.admin("GET", "/models").json()["data"]
+        return str(next(m["state"] for m in listing if m["name"] == name))
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[SleepGateway]:
+    server = SleepGateway(
+        tmp_path,
+        [
+            sleeper("one", level=1, idle_ttl=0.5),
+            sleeper("two", level=2, idle_ttl=0.5),
+            sleeper("paced", chunks=20, **{"gap-ms": 100}),
+            sleeper("wakeless", idle_ttl=0.5, **{"fail-wake": True}),
+        ],
+    )
+    yield server
+    server.server.close()
+
+
+@pytest.mark.parametrize("name", ["one", "two"])
+def test_an_idle_model_falls_asleep_and_the_next_request_wakes_it(
+    gateway: SleepGateway, name: str
+) -> None:
+    assert gateway.chat(name).status_code == 200
+    pid = gateway.pid(name)
+    wait_until(lambda: gateway.state(name) == "asleep", 10, f"{name} asleep")
+    assert pid is not None and alive(pid)  # asleep, not stopped
+    woken = gateway.chat(name)
+    assert woken.status_code == 200 and "x-vllm-gateway-start-wait" in woken.headers
+    assert gateway.pid(name) == pid  # woken, not restarted
+    stats = gateway.stats(name)
+    assert (stats["sleeps"], stats["wakes"], stats["violations"]) == (1, 1, 0)
+    assert gateway.metric(f'vllm_gateway_model_wakes_total{{model="{name}"}}') == 1
+
+
+def test_a_model_sleeps_only_once_its_stream_has_ended(gateway: SleepGateway) -> None:
+    events: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream(
+            "POST",
+            f"{gateway.url}/v1/chat/completions",
+            json={"model": "paced", "messages": [], "stream": True},
+            headers={"Authorization": f"Bearer {USER}"},
+            timeout=30,
+        ) as response:
+            events.extend(line for line in response.iter_lines() if line.startswith("data: "))
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    wait_until(lambda: gateway.state("paced") == "ready", 10, "paced up")
+    time.sleep(0.3)  # the stream is under way
+    asleep = gateway.admin("POST", "/models/paced/sleep")
+    reader.join(10)
+    assert asleep.status_code == 200 and asleep.json()["state"] == "asleep"
+    assert events[-1] == "data: [DONE]" and len(events) == 21  # intact
+    assert gateway.stats("paced")["violations"] == 0
+
+
+def test_a_wake_that_fails_restarts_the_server_and_the_request_is_served(
+    gateway: SleepGateway,
+) -> None:
+    assert gateway.chat("wakeless").status_code == 200
+    first = gateway.pid("wakeless")
+    wait_until(lambda: gateway.state("wakeless") == "asleep", 10, "wakeless asleep")
+    assert gateway.chat("wakeless").status_code == 200
+    assert first is not None and not alive(first) and gateway.pid("wakeless") != first
+
+
+def test_models_that_cannot_share_a_gpu_swap_by_sleeping(gateway: SleepGateway) -> None:
+    assert gateway.chat("one").status_code == 200
+    one = gateway.pid("one")
+    assert gateway.chat("two").status_code == 200
+    assert gateway.state("one") == "asleep" and one is not None and alive(one)
+    assert gateway.chat("one").status_code == 200
+    assert gateway.state("two") == "asleep" and gateway.pid("one") == one
+    assert gateway.stats("one")["violations"] == gateway.stats("two")["violations"] == 0
+
+
+@pytest.mark.parametrize(
+    "path", ["/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/reset_prefix_cache"]
+)
+def test_vllm_dev_paths_are_never_relayed(gateway: SleepGateway, path: str) -> None:
+    for method in ("GET", "POST"):
+        answer = httpx.request(
+            method, f"{gateway.url}{path}", headers={"Authorization": f"Bearer {USER}"}
+        )
+        assert answer.status_code == 404, (method, path)
