@@ -59,7 +59,7 @@ class OnDemand:
     min_resident: float = 30.0
     drain_timeout: float = 120.0
     unload: Literal["stop", "sleep"] = "stop"
-    sleep_level: int = 1  # for idle sleeps; a swap that must free its GPU now uses level 2
+    sleep_level: int = 1  # 1 wakes fastest; 2 falls asleep fastest (suits swaps)
 
 
 class ModelState(StrEnum):
@@ -70,9 +70,6 @@ class ModelState(StrEnum):
     SLEEPING = "sleeping"
     ASLEEP = "asleep"
     WAKING = "waking"
-
-
-SWAP_SLEEP_LEVEL = 2  # falls asleep in a blink: the weights are dropped, not copied to host
 
 
 class Unavailable(Exception):

@@ -7,6 +7,7 @@ leave room for each other (and for CUDA's own context), so their shares may add 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import defaultdict
 from collections.abc import Collection, Sequence
@@ -130,3 +131,38 @@ def fit_warnings(specs: Sequence[VllmSpec], gpu_memory_bytes: float | None) -> l
                 "add GPUs, raise gpu-memory-utilization or quantize"
             )
     return warnings
+
+
+def host_memory_bytes() -> float | None:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def sleeper_memory(
+    specs: Sequence[VllmSpec], level_one: Collection[str], host_bytes: float | None
+) -> tuple[str | None, str | None]:
+    """A line on the host memory that level-1 sleepers (named in ``level_one``) keep their
+    weights in, all of them asleep at once, and a warning when the host cannot hold them."""
+    sleepers = [s for s in specs if s.name in level_one]
+    if not sleepers:
+        return None, None
+    sizes = [(s.label, weight_bytes(s)) for s in sleepers]
+    known = sum(size[0] for _, size in sizes if size is not None)
+    unknown = [label for label, size in sizes if size is None]
+    line = f"level-1 sleepers keep ~{known / 1e9:.0f} GB of weights in host memory"
+    line += f" (size unknown: {', '.join(unknown)})" if unknown else ""
+    if host_bytes is None:
+        return line, None
+    line += f"; this host has {host_bytes / 1e9:.0f} GB"
+    if known > HOST_SHARE_FOR_SLEEPERS * host_bytes:
+        return line, (
+            f"level-1 sleepers need ~{known / 1e9:.0f} GB of host memory, more than "
+            f"{HOST_SHARE_FOR_SLEEPERS:.0%} of this host's {host_bytes / 1e9:.0f} GB; "
+            "use sleep_level 2 for some"
+        )
+    return line, None
+
+
+HOST_SHARE_FOR_SLEEPERS = 0.8  # of host memory, the most level-1 sleepers' weights may take

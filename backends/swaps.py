@@ -3,7 +3,7 @@
 Always-on models hold their shares for ever (``backends.placement`` refuses a layout where
 they do not fit). An on-demand model holds its shares from the moment it starts (or begins
 to wake) until its servers have ended; asleep, it holds only its CUDA context. Before one
-starts or wakes, the switchboard unloads (puts to sleep at level 2, or stops) running on-demand
+starts or wakes, the switchboard unloads (puts to sleep, or stops) running on-demand
 models on the GPUs it needs until the shares on each of those GPUs, its own included, stay
 within ``MAX_SHARE_PER_GPU``: idle models first, least recently used first, then busy ones that
 have been resident for their `min_resident` seconds (drained first), then asleep ones. One plan
@@ -16,7 +16,7 @@ import asyncio
 import time
 from collections.abc import Iterable, Mapping
 
-from backends.on_demand import SWAP_SLEEP_LEVEL, ModelState, OnDemandModel
+from backends.on_demand import ModelState, OnDemandModel
 from backends.placement import MAX_SHARE_PER_GPU
 
 REPLAN_EVERY = 0.5  # seconds, while the models in the way are busy and too new to unload
@@ -51,10 +51,7 @@ class Switchboard:
                     return
                 reason = f"swapped out for {model.name}"
                 await asyncio.gather(
-                    *(
-                        v.unload(reason, stop=v.state is ModelState.ASLEEP, level=SWAP_SLEEP_LEVEL)
-                        for v in victims
-                    )
+                    *(v.unload(reason, stop=v.state is ModelState.ASLEEP) for v in victims)
                 )
 
     def victims(self, model: OnDemandModel) -> list[OnDemandModel] | None:

@@ -15,7 +15,14 @@ from typing import Any
 
 from backends import kv_cache
 from backends.gpus import visible_gpu_count
-from backends.placement import fit_warnings, gpu_map, placement_problems, shares_per_gpu
+from backends.placement import (
+    fit_warnings,
+    gpu_map,
+    host_memory_bytes,
+    placement_problems,
+    shares_per_gpu,
+    sleeper_memory,
+)
 from backends.spec import shell_line
 from backends.swaps import never_together
 from gateway.settings import ConfigError, GatewaySettings, load_settings
@@ -135,6 +142,18 @@ def plan(args: argparse.Namespace) -> int:
     for gpu, pairs in never_together(usage, shares_per_gpu(always_on)).items():
         for first, second in pairs:
             print(f"  GPU {gpu}: {first} and {second} never run together (they swap)")
+    level_one = {
+        m.name
+        for m in settings.models
+        if m.on_demand is not None
+        and m.on_demand.unload == "sleep"
+        and m.on_demand.sleep_level == 1
+    }
+    sleepers, sleepers_warning = sleeper_memory(specs, level_one, host_memory_bytes())
+    if sleepers:
+        print(f"  {sleepers}")
+    if sleepers_warning:
+        print(f"  warning: {sleepers_warning}", file=sys.stderr)
     memory = gpu_memory(settings)
     for model in settings.models:
         aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""

@@ -265,14 +265,14 @@ async def test_an_idle_sleep_mode_model_falls_asleep_and_a_request_wakes_it() ->
     assert (model.sleeps, model.wakes, model.state) == (1, 1, ModelState.READY)
 
 
-async def test_a_swap_puts_the_other_model_to_sleep_at_level_2_and_counts_only_its_context() -> (
-    None
-):
+async def test_a_swap_puts_the_other_model_to_sleep_and_counts_only_its_context() -> None:
     servers = await opened(GatedServers(), "a", "b")
-    board, models = board_of(servers, {"a": 0.6, "b": 0.6}, unload="sleep", min_resident=0)
+    board, models = board_of(
+        servers, {"a": 0.6, "b": 0.6}, unload="sleep", sleep_level=2, min_resident=0
+    )
     await models["a"].ready()
     await models["b"].ready()
-    assert servers.calls == ["sleep a 2"]  # fast to fall asleep: the weights are dropped
+    assert servers.calls == ["sleep a 2"]
     assert models["a"].state is ModelState.ASLEEP and board.held() == {0: 0.61}
     await models["a"].ready()  # and back: b sleeps, a wakes with the level it slept at
     assert servers.calls == ["sleep a 2", "sleep b 2", "wake a 2"]
