@@ -37,6 +37,7 @@ from backends.spec import VllmSpec
 
 log = logging.getLogger("vllm_gateway.supervisor")
 HTTP_TIMEOUT = 5.0  # readiness polls and the KV cache read; health checks have their own
+SLEEP_STATES = frozenset({BackendState.SLEEPING, BackendState.ASLEEP, BackendState.WAKING})
 
 
 @dataclass(frozen=True)
@@ -388,6 +389,8 @@ class Supervisor:
                         "\n  ".join(process.tail(10)),
                     )
                     return
+                if replica.state in SLEEP_STATES:
+                    continue  # a sleeping server is watched for death only
                 began = time.monotonic()
                 try:
                     async with asyncio.timeout(checks.timeout):

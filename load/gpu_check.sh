@@ -13,6 +13,8 @@
 #                   engine core); chat-b must keep serving, chat-a come back with its share
 #   bench           vLLM's benchmark client on chat-b, direct and through the gateway, three
 #                   alternating rounds each at concurrency 1 and 64
+#   sleep           two on-demand 7B-shape models swapping by vLLM's sleep mode on GPU 0
+#                   (load/gpu_sleep.py): cold starts, swaps, memory released, a race, level 1
 #   report          load/results/gpu-<date>.md (and a copy in $OUT when set)
 set -euo pipefail
 phase=$1
@@ -96,6 +98,40 @@ crash)
   ;;
 bench)
   python3 load/gpu_steps.py bench chat-b "$STATE/tiny/chat" "$STATE/bench" > "$res/bench.json"
+  ;;
+sleep)
+  # Two on-demand 7B-shape models that cannot share GPU 0, `unload: sleep` at level 2; level 1
+  # is measured by admin sleeps. Needs `install` first; builds the model if `shares` did not.
+  [ -d "$STATE/chat-7b" ] || python3 load/gpu_models.py "$STATE/chat-7b" --tokenizer-from "$STATE/tiny/chat" | tee "$res/model.txt"
+  cat > "$STATE/sleep.yaml" <<YAML
+host: 127.0.0.1
+port: 8000
+api_keys: [{name: ops, key: sk-gpu-check, admin: true}]
+launcher: [python3, -m, vllm.entrypoints.openai.api_server]
+log_dir: $STATE/logs
+models:
+YAML
+  for m in sleep-a sleep-b; do cat >> "$STATE/sleep.yaml" <<YAML
+  - name: $m
+    vllm:
+      model: $STATE/chat-7b
+      gpus: [0]
+      args: {gpu-memory-utilization: 0.6, enforce-eager: true, dtype: bfloat16, max-model-len: 4096}
+    on_demand: {idle_ttl: 3600, min_resident: 0, start_timeout: 600, unload: sleep, sleep_level: 2}
+YAML
+  done
+  python3 -m gateway plan --config "$STATE/sleep.yaml" > "$res/sleep-plan.txt" 2>&1 || true
+  start_gateway "$STATE/sleep.yaml"
+  python3 load/gpu_steps.py wait-up --timeout 60
+  log "sleep: cold starts, ${ALTERNATIONS:-20} swaps, ${RACE:-60}s race, ${LEVEL1:-2} level-1 rounds"
+  python3 load/gpu_sleep.py run sleep-a sleep-b --alternations "${ALTERNATIONS:-20}" \
+    --race "${RACE:-60}" --level1-rounds "${LEVEL1:-2}" > "$res/sleep.json" || true
+  grep -E "asleep|awake|woke|loaded|wake failed|did not fall|start failed|restart" \
+    "$STATE/gateway.log" > "$res/sleep-gateway-lines.txt" || true
+  grep -ciE "cuda error|traceback|exception" "$STATE"/logs/sleep-*.log > "$res/sleep-backend-errors.txt" || true
+  stop_gateway
+  python3 load/gpu_sleep.py report "$res/sleep.json" > "$res/sleep.md" || true
+  [ -z "${OUT:-}" ] || { cp "$res"/sleep* "$OUT/"; tail -c 20000 "$STATE/gateway.log" > "$OUT/sleep-gateway-tail.log"; }
   ;;
 report)
   mkdir -p load/results

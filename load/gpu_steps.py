@@ -4,6 +4,7 @@ Each step prints one JSON document (the shell script saves it); load/gpu_report.
 documents into load/results/gpu-<date>.md.
 
     wait-ready --timeout S      until every replica of every model is ready
+    wait-up --timeout S         until the gateway answers /health
     check                       chat, a stream, embeddings through the gateway
     kv LABEL                    each model's expected and actual KV cache, and nvidia-smi
     crash MODEL OTHER           kill -9 what `pkill -9 -f MODEL` hits; OTHER must keep serving
@@ -50,6 +51,19 @@ def wait_ready(timeout: float) -> dict[str, Any]:
             pass
         time.sleep(2)
     raise SystemExit(f"not ready after {timeout}s: {seen}")
+
+
+def wait_up(timeout: float) -> dict[str, Any]:
+    """Until the gateway answers /health (its models may still be loading, or on demand)."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        try:
+            if httpx.get(f"{GATEWAY}/health", timeout=2).status_code == 200:
+                return {"up_after_s": round(time.monotonic() - began, 1)}
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the gateway did not answer /health within {timeout}s")
 
 
 def complete(model: str, max_tokens: int = 8) -> int:
@@ -228,6 +242,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("wait-ready").add_argument("--timeout", type=float, default=600)
+    sub.add_parser("wait-up").add_argument("--timeout", type=float, default=60)
     sub.add_parser("kv").add_argument("label")
     crash_p = sub.add_parser("crash")
     crash_p.add_argument("name")
@@ -240,6 +255,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.cmd == "wait-ready":
         doc = wait_ready(args.timeout)
+    elif args.cmd == "wait-up":
+        doc = wait_up(args.timeout)
     elif args.cmd == "kv":
         doc = kv(args.label)
     elif args.cmd == "crash":

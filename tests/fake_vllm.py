@@ -205,7 +205,6 @@ class FakeVllmProtocol(asyncio.Protocol):
                 self._write(200, _rerank(body))
             else:
                 self._write(404, b'{"detail":"Not Found"}')
-                return
             opts.stats["completed"] += 1
         except asyncio.CancelledError:
             opts.stats["aborted"] += 1

@@ -97,9 +97,7 @@ def test_plan_adds_up_the_host_memory_level_1_sleepers_need() -> None:
 
     specs = [spec("qwen-7b", (0,), 0.6), spec("llama-70b", (1,), 0.9), spec("embed", (0,), 0.1)]
     line, warning = sleeper_memory(specs, {"qwen-7b", "llama-70b"}, host_bytes=128e9)
-    assert line == (
-        "level-1 sleepers keep ~154 GB of weights in host memory; this host has 128 GB"
-    )
+    assert line == ("level-1 sleepers keep ~154 GB of weights in host memory; this host has 128 GB")
     assert warning is not None and "use sleep_level 2 for some" in warning
     assert sleeper_memory(specs, {"qwen-7b"}, host_bytes=128e9)[1] is None
     assert sleeper_memory(specs, set(), host_bytes=128e9) == (None, None)
