@@ -124,8 +124,8 @@ YAML
   start_gateway "$STATE/sleep.yaml"
   python3 load/gpu_steps.py wait-up --timeout 60
   log "sleep: cold starts, ${ALTERNATIONS:-20} swaps, ${RACE:-60}s race, ${LEVEL1:-2} level-1 rounds"
-  python3 load/gpu_sleep.py run sleep-a sleep-b --alternations "${ALTERNATIONS:-20}" \
-    --race "${RACE:-60}" --level1-rounds "${LEVEL1:-2}" > "$res/sleep.json" || true
+  timeout "${SLEEP_BUDGET:-480}" python3 load/gpu_sleep.py run sleep-a sleep-b --save "$res/sleep.json" \
+    --alternations "${ALTERNATIONS:-20}" --race "${RACE:-60}" --level1-rounds "${LEVEL1:-2}" || true
   grep -E "asleep|awake|woke|loaded|wake failed|did not fall|start failed|restart" \
     "$STATE/gateway.log" > "$res/sleep-gateway-lines.txt" || true
   grep -ciE "cuda error|traceback|exception" "$STATE"/logs/sleep-*.log > "$res/sleep-backend-errors.txt" || true

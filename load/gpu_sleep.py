@@ -6,7 +6,7 @@ nvidia-smi after each swap (how much of the sleeper's memory it gave back), 16 c
 the swaps, and level-1 rounds (admin sleep at level 1, then a request wakes it). Prints one JSON
 document; `report FILE` turns it into a markdown section for load/results/gpu-<date>.md.
 
-    python3 load/gpu_sleep.py run A B [--alternations 20] [--race 60] [--level1-rounds 3]
+    python3 load/gpu_sleep.py run A B --save FILE [--alternations N] [--race S] [--level1-rounds N]
     python3 load/gpu_sleep.py report sleep.json
 """
 
@@ -120,19 +120,26 @@ def race(models: list[str], clients: int, seconds: float) -> dict[str, Any]:
     }
 
 
-def run(a: str, b: str, alternations: int, race_s: float, level1_rounds: int) -> dict[str, Any]:
+def run(
+    a: str, b: str, alternations: int, race_s: float, level1_rounds: int, save: Path
+) -> dict[str, Any]:
+    """Each stage is saved as soon as it is done: a run cut short still leaves its numbers."""
     doc: dict[str, Any] = {"models": [a, b], "before": gpu_mib_by_model()}
     doc["cold"] = [first_token(a), first_token(b)]  # b's start puts a to sleep
     doc["after_cold"] = {"gpu_mib": gpu_mib_by_model(), "admin": admin_state()}
-    swaps = []
+    save.write_text(json.dumps(doc, indent=1))
+    swaps: list[dict[str, Any]] = []
+    doc["alternating"] = swaps
     for i in range(alternations):
         model = a if i % 2 == 0 else b
         outcome = first_token(model)
         outcome["gpu_mib"] = gpu_mib_by_model()
         swaps.append(outcome)
-    doc["alternating"] = swaps
+        save.write_text(json.dumps(doc, indent=1))
     doc["race"] = race([a, b], 16, race_s)
-    rounds = []
+    save.write_text(json.dumps(doc, indent=1))
+    rounds: list[dict[str, Any]] = []
+    doc["level1"] = rounds
     for _ in range(level1_rounds):
         httpx.post(f"{GATEWAY}/admin/models/{a}/load", headers=HEADERS, timeout=HUNG)
         awake = gpu_mib_by_model()
@@ -153,13 +160,14 @@ def run(a: str, b: str, alternations: int, race_s: float, level1_rounds: int) ->
                 "last_wake_s": admin_state()[a].get("last_wake_s"),
             }
         )
-    doc["level1"] = rounds
+        save.write_text(json.dumps(doc, indent=1))
     doc["admin"] = admin_state()
     doc["metrics"] = [
         line
         for line in httpx.get(f"{GATEWAY}/metrics", headers=HEADERS, timeout=10).text.splitlines()
         if line.startswith("vllm_gateway_model_") and not line.startswith("#")
     ]
+    save.write_text(json.dumps(doc, indent=1))
     return doc
 
 
@@ -170,7 +178,7 @@ def _p50(values: list[float]) -> float | None:
 def report(doc: dict[str, Any]) -> str:
     a, b = doc["models"]
     cold = [c.get("ttft_s") for c in doc["cold"]]
-    swaps = doc["alternating"]
+    swaps = doc.get("alternating", [])
     errors = sum(s["status"] != 200 for s in swaps)
     ttft = [s["ttft_s"] for s in swaps if "ttft_s" in s]
     waits = [s["start_wait_s"] for s in swaps if "start_wait_s" in s]
@@ -181,6 +189,9 @@ def report(doc: dict[str, Any]) -> str:
         if a in s["gpu_mib"] and b in s["gpu_mib"]
     ]
     released = (1 - max(asleep_mib) / awake_mib) if asleep_mib and awake_mib else None
+    race_doc = doc.get(
+        "race", {"seconds": 0, "requests": 0, "statuses": {}, "slowest_s": None, "hung": None}
+    )
     lines = [
         "## Sleep mode: two 7B-shape models that cannot share GPU 0 (0.6 each), level 2 swaps",
         "",
@@ -197,11 +208,11 @@ def report(doc: dict[str, Any]) -> str:
         f"({released:.1%} of it released)."
         if released is not None
         else "- GPU memory: n/a",
-        f"- 16 clients racing the swaps for {doc['race']['seconds']:g} s: "
-        f"{doc['race']['requests']} requests, statuses {doc['race']['statuses']}, slowest "
-        f"{doc['race']['slowest_s']} s, hung {doc['race']['hung']}.",
+        f"- 16 clients racing the swaps for {race_doc['seconds']:g} s: "
+        f"{race_doc['requests']} requests, statuses {race_doc['statuses']}, slowest "
+        f"{race_doc['slowest_s']} s, hung {race_doc['hung']}.",
     ]
-    for i, r in enumerate(doc["level1"], 1):
+    for i, r in enumerate(doc.get("level1", []), 1):
         asleep = r["gpu_mib_asleep"].get(a)
         lines.append(
             f"- Level 1, round {i}: fell asleep in {r['sleep_s']} s (admin sleep, status "
@@ -220,11 +231,11 @@ def main() -> int:
     run_p.add_argument("--alternations", type=int, default=20)
     run_p.add_argument("--race", type=float, default=60)
     run_p.add_argument("--level1-rounds", type=int, default=3)
+    run_p.add_argument("--save", type=Path, required=True, help="the JSON document, per stage")
     sub.add_parser("report").add_argument("file")
     args = parser.parse_args()
     if args.step == "run":
-        doc = run(args.a, args.b, args.alternations, args.race, args.level1_rounds)
-        json.dump(doc, sys.stdout, indent=1)
+        run(args.a, args.b, args.alternations, args.race, args.level1_rounds, args.save)
     else:
         sys.stdout.write(report(json.loads(Path(args.file).read_text())))
     return 0
