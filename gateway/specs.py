@@ -77,8 +77,9 @@ def spawn_health(settings: GatewaySettings) -> dict[str, SpawnHealth]:
     return found
 
 
-# What an asleep server keeps on each of its GPUs: CUDA's context (see load/results).
-CUDA_CONTEXT_BYTES = 0.5 * 2**30
+# What an asleep server keeps on each of its GPUs: CUDA's context and what vLLM holds on to
+# (load/results/gpu-2026-11-30.md measured 0.91 GiB).
+CUDA_CONTEXT_BYTES = 1.0 * 2**30
 
 
 def on_demand_names(settings: GatewaySettings) -> frozenset[str]:
