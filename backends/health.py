@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from backends.adapters import AdapterBook, restore
 from backends.lifecycle import BackendState
 from backends.pool import Replica
 
@@ -20,17 +21,28 @@ log = logging.getLogger("vllm_gateway.health")
 
 
 async def is_ready(client: httpx.AsyncClient, url: str, name: str, api_key: str | None) -> bool:
+    return await served(client, url, name, api_key) is not None
+
+
+async def served(
+    client: httpx.AsyncClient, url: str, name: str, api_key: str | None
+) -> frozenset[str] | None:
+    """The LoRA adapters the server serves on top of ``name`` (their /v1/models cards name it
+    as `parent`), or None while it is not ready."""
     try:
         health = await client.get(f"{url}/health")
         if health.status_code != 200:
-            return False
+            return None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         models = await client.get(f"{url}/v1/models", headers=headers)
         if models.status_code != 200:
-            return False
-        return any(card.get("id") == name for card in models.json().get("data", []))
+            return None
+        cards = [c for c in models.json().get("data", []) if isinstance(c, dict)]
     except (httpx.HTTPError, ValueError, AttributeError):
-        return False
+        return None
+    if not any(card.get("id") == name for card in cards):
+        return None
+    return frozenset(str(c["id"]) for c in cards if c.get("parent") == name and c.get("id") != name)
 
 
 async def is_healthy(client: httpx.AsyncClient, url: str) -> bool:
@@ -53,11 +65,19 @@ class HealthChecker:
 
     A ready replica failing ``unhealthy_threshold`` checks in a row is taken out; any replica
     that is out is admitted again after ``healthy_threshold`` passed checks in a row, where a
-    pass needs /health and the model list (a restarted vLLM answers /health before it serves).
+    pass needs /health and the model list (a restarted vLLM answers /health before it serves;
+    the list also says which LoRA adapters it serves).
     """
 
-    def __init__(self, replicas: list[tuple[str, Replica, HealthPolicy]]) -> None:
+    def __init__(
+        self,
+        replicas: list[tuple[str, Replica, HealthPolicy]],
+        adapter_book: AdapterBook | None = None,
+    ) -> None:
+        """``adapter_book``: runtime LoRA adapters, given to a replica before it is admitted
+        again."""
         self.replicas = replicas
+        self.adapters = adapter_book or AdapterBook()
         self._tasks: list[asyncio.Task[None]] = []
         self._client: httpx.AsyncClient | None = None
 
@@ -84,18 +104,22 @@ class HealthChecker:
             began = time.monotonic()
             try:
                 async with asyncio.timeout(policy.timeout):
-                    if replica.state is BackendState.READY:
-                        ok = await is_healthy(self._client, replica.url)
-                    else:
-                        ok = await is_ready(self._client, replica.url, name, replica.api_key)
+                    # The model list too, not just /health: it says which adapters it serves.
+                    found = await served(self._client, replica.url, name, replica.api_key)
             except TimeoutError:
-                ok = False
+                found = None
+            ok = found is not None
+            if found is not None:
+                replica.adapters = found
             replica.health_latency = time.monotonic() - began
             passed, failed = (passed + 1, 0) if ok else (0, failed + 1)
             if replica.state is BackendState.READY and failed >= policy.unhealthy_threshold:
                 replica.move(BackendState.UNHEALTHY)
                 log.warning("%s at %s: unhealthy after %d failed checks", name, replica.url, failed)
             elif replica.state is not BackendState.READY and passed >= policy.healthy_threshold:
+                if wanted := self.adapters.of(name):
+                    replica.move(BackendState.RESTORING)
+                    await restore(self._client, replica, wanted)
                 replica.move(BackendState.READY)
                 replica.note_success()
                 log.info("%s at %s: healthy again, admitted", name, replica.url)

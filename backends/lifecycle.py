@@ -11,6 +11,8 @@ to handle). The README draws the same machine; ``vllm_gateway_backend_state`` an
       -> loading      spawn: the server is starting (weights, profiling, warm-up)
     waiting     -> loading / restarting once it has the turn (restarting if it is a restart)
     loading     -> ready          /health answers and /v1/models lists the model
+                -> restoring      ready, with runtime LoRA adapters to load first
+    restoring   -> ready          its runtime adapters are loaded (or reported missing)
                 -> restarting     it died or did not become ready in time (failed: no restarts)
     ready       -> restarting     spawn: it died or failed its health checks
                 -> unhealthy      connect: failed `unhealthy_threshold` checks in a row
@@ -23,15 +25,16 @@ to handle). The README draws the same machine; ``vllm_gateway_backend_state`` an
     waking      -> ready          /wake_up (level 2: weights, reload, KV cache) and not sleeping
     sleeping, asleep, waking -> restarting   it died, failed its checks, or could not wake
     unhealthy   -> ready          connect: passed `healthy_threshold` checks in a row
-    restarting  -> waiting / ready (its new server is ready) / failed (too many failed starts)
+    restarting  -> waiting / ready (its new server is ready) / restoring / failed (too many
+                   failed starts)
     failed      the supervisor gave up; only a gateway restart brings it back
     any state   -> stopped        the gateway stops
 
 An on-demand model (``backends.on_demand``) starts in ``stopped`` and returns there when it is
 unloaded; its replicas take the same path as an always-on model's in between.
 
-States planned for the features that come next (not entered by any code yet): ``restoring``
-(runtime LoRA adapters loaded before admission), ``joining`` and ``leaving`` (discovered pods).
+States planned for the features that come next (not entered by any code yet): ``joining`` and
+``leaving`` (discovered pods).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class BackendState(StrEnum):
     SLEEPING = "sleeping"  # vLLM's sleep mode: going to sleep
     ASLEEP = "asleep"  # weights offloaded or dropped, KV cache freed; the process lives
     WAKING = "waking"
+    RESTORING = "restoring"  # ready, loading its runtime LoRA adapters before it is admitted
     FAILED = "failed"
 
 
@@ -57,17 +61,19 @@ S = BackendState
 TRANSITIONS: dict[BackendState, frozenset[BackendState]] = {
     S.STOPPED: frozenset({S.WAITING, S.LOADING}),
     S.WAITING: frozenset({S.LOADING, S.RESTARTING}),
-    S.LOADING: frozenset({S.READY, S.RESTARTING, S.FAILED}),
+    S.LOADING: frozenset({S.READY, S.RESTORING, S.RESTARTING, S.FAILED}),
+    S.RESTORING: frozenset({S.READY, S.RESTARTING}),
     S.READY: frozenset({S.RESTARTING, S.UNHEALTHY, S.DRAINING}),
     S.DRAINING: frozenset({S.RESTARTING, S.SLEEPING}),
     S.SLEEPING: frozenset({S.ASLEEP, S.RESTARTING}),
     S.ASLEEP: frozenset({S.WAKING, S.RESTARTING}),
     S.WAKING: frozenset({S.READY, S.RESTARTING}),
-    S.UNHEALTHY: frozenset({S.READY}),
-    S.RESTARTING: frozenset({S.WAITING, S.READY, S.FAILED}),
+    S.UNHEALTHY: frozenset({S.READY, S.RESTORING}),
+    S.RESTARTING: frozenset({S.WAITING, S.READY, S.RESTORING, S.FAILED}),
     S.FAILED: frozenset(),
 }
-ON_ITS_WAY = frozenset({S.WAITING, S.LOADING, S.RESTARTING})  # clients should retry soon
+# Clients should retry soon.
+ON_ITS_WAY = frozenset({S.WAITING, S.LOADING, S.RESTARTING, S.RESTORING})
 
 
 class InvalidTransition(RuntimeError):

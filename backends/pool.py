@@ -65,6 +65,7 @@ class Replica:
     gpus: tuple[int, ...] = ()
     load: VllmLoad | None = None  # from the replica's own /metrics (policy vllm_metrics)
     kv_cache: KvCache | None = None  # expected and actual, once a spawned server is ready
+    adapters: frozenset[str] = frozenset()  # LoRA adapters it serves, from its /v1/models
 
     @property
     def ready(self) -> bool:
@@ -108,9 +109,13 @@ class ReplicaPool:
     on_demand: OnDemandModel | None = None  # started by its first request, when set
 
     def pick(
-        self, exclude: Collection[Replica] = (), affinity: str | None = None
+        self,
+        exclude: Collection[Replica] = (),
+        affinity: str | None = None,
+        adapter: str | None = None,
     ) -> Replica | None:
-        """A ready replica by the pool's policy, or None if none is ready.
+        """A ready replica by the pool's policy, or None if none is ready. With ``adapter``,
+        only replicas that hold that LoRA adapter are chosen.
 
         least_outstanding: fewest requests in flight through this gateway.
         vllm_metrics: lowest vLLM-reported load (running + 2 waiting + 4 KV-cache use) plus
@@ -119,6 +124,8 @@ class ReplicaPool:
           (rendezvous hashing, so losing a replica moves only its own sessions); requests
           without a key fall back to least_outstanding.
         """
+        if adapter is not None:
+            exclude = [*exclude, *(r for r in self.replicas if adapter not in r.adapters)]
         if self.policy == "affinity" and affinity is not None:
             return self._by_affinity(exclude, affinity)
         weigh = _with_vllm_load if self.policy == "vllm_metrics" else _in_flight
@@ -138,6 +145,11 @@ class ReplicaPool:
         if not ready:
             return None
         return max(ready, key=lambda item: _weight(key, item[0]))[1]
+
+    @property
+    def adapters(self) -> frozenset[str]:
+        """Every LoRA adapter some replica of this model serves."""
+        return frozenset().union(*(r.adapters for r in self.replicas))
 
     @property
     def loading(self) -> bool:

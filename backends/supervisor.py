@@ -25,10 +25,10 @@ from pathlib import Path
 
 import httpx
 
-from backends import kv_cache, sleep_mode
+from backends import adapters, kv_cache, sleep_mode
 from backends.gpu_turns import GpuTurns
 from backends.gpus import gpu_memory_holders
-from backends.health import is_healthy, is_ready
+from backends.health import is_healthy, served
 from backends.lifecycle import BackendState
 from backends.on_demand import LoadFailed
 from backends.pool import Replica
@@ -86,12 +86,15 @@ class Supervisor:
         gpu_memory: float | None = None,
         health: Mapping[str, SpawnHealth] | None = None,
         on_demand: Collection[str] = (),
+        adapter_book: adapters.AdapterBook | None = None,
     ) -> None:
         """``gpu_memory``: bytes per GPU, for the KV cache a slice should give; ``health``:
         per model name, where it differs from ``timings.health``; ``on_demand``: the models
-        started by ``load`` rather than by ``start``."""
+        started by ``load`` rather than by ``start``; ``adapter_book``: runtime LoRA adapters,
+        given to each server before it is admitted."""
         self.timings = timings or SupervisorTimings()
         self.turns = GpuTurns()
+        self.adapters = adapter_book or adapters.AdapterBook()  # runtime LoRA, restored on start
         self.gpu_memory = gpu_memory
         self.backends: dict[str, Backend] = {}
         for spec in specs:
@@ -263,6 +266,11 @@ class Supervisor:
         spec, replica = backend.spec, backend.replica
         if not await self._start_in_turn(backend):
             return False
+        wanted = self.adapters.of(spec.name)
+        if wanted:  # before admission: no request may reach it without the adapter it names
+            replica.move(BackendState.RESTORING)
+            assert self._client is not None
+            await adapters.restore(self._client, replica, wanted)
         replica.move(BackendState.READY)
         backend.became_ready.set()
         assert replica.ready_since is not None
@@ -363,7 +371,9 @@ class Supervisor:
                     "\n  ".join(lines),
                 )
                 return False
-            if await is_ready(self._client, replica.url, spec.name, replica.api_key):
+            found = await served(self._client, replica.url, spec.name, replica.api_key)
+            if found is not None:
+                replica.adapters = found
                 return True
             await asyncio.sleep(self.timings.poll_interval)
         backend.last_error = f"{spec.label} not ready after {self.timings.startup_timeout:.0f}s"

@@ -6,6 +6,7 @@
     POST /admin/models/{name}/unload   drain an on-demand model, then stop it
     POST /admin/models/{name}/sleep    drain it, then put it to sleep (`?level=1|2`)
     POST /admin/models/{name}/wake     wake an asleep model; answers once it is ready
+    POST /admin/models/{base}/adapters, DELETE .../adapters/{name}   ``gateway.admin_adapters``
 
 Who may call these is decided before a request gets here (``gateway.auth``). Every action
 writes one access-log line: the key's name, the action, the model and how it ended.
@@ -39,7 +40,7 @@ def add_admin_routes(api: FastAPI, table: RouteTable, telemetry: Telemetry) -> N
     @api.post("/admin/models/{name:path}/load")
     async def load(name: str, request: Request) -> Response:
         model = _on_demand(table, name)
-        async with _action(telemetry, request, "load", model.name) as outcome:
+        async with action(telemetry, request, "load", model.name) as outcome:
             try:
                 await model.ready()
             except Unavailable as exc:
@@ -50,7 +51,7 @@ def add_admin_routes(api: FastAPI, table: RouteTable, telemetry: Telemetry) -> N
     @api.post("/admin/models/{name:path}/unload")
     async def unload(name: str, request: Request) -> Response:
         model = _on_demand(table, name)
-        async with _action(telemetry, request, "unload", model.name) as outcome:
+        async with action(telemetry, request, "unload", model.name) as outcome:
             if model.state is not ModelState.STOPPED:
                 await model.unload("admin unload", stop=True)
             outcome["result"] = str(model.state)
@@ -66,7 +67,7 @@ def add_admin_routes(api: FastAPI, table: RouteTable, telemetry: Telemetry) -> N
             )
         if level is not None and level not in LEVELS:
             raise InvalidRequest(f"level must be one of {LEVELS}.", param="level")
-        async with _action(telemetry, request, "sleep", model.name) as outcome:
+        async with action(telemetry, request, "sleep", model.name) as outcome:
             await model.unload("admin sleep", level=level)
             outcome["result"] = str(model.state)
         return _json(model_document(table.resolve(name).pool))
@@ -76,7 +77,7 @@ def add_admin_routes(api: FastAPI, table: RouteTable, telemetry: Telemetry) -> N
         model = _on_demand(table, name)
         if model.state is not ModelState.ASLEEP:
             raise InvalidRequest(f"Model {model.name!r} is not asleep (it is {model.state}).")
-        async with _action(telemetry, request, "wake", model.name) as outcome:
+        async with action(telemetry, request, "wake", model.name) as outcome:
             try:
                 await model.ready()
             except Unavailable as exc:
@@ -93,7 +94,7 @@ def _on_demand(table: RouteTable, name: str) -> OnDemandModel:
 
 
 @contextlib.asynccontextmanager
-async def _action(
+async def action(
     telemetry: Telemetry, request: Request, action: str, model: str
 ) -> AsyncIterator[dict[str, str]]:
     """Times one admin action and writes its access-log line, whichever way it ends."""

@@ -54,15 +54,16 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             health=spawn_health(settings),
             on_demand=on_demand_names(settings),
         )
+    adapter_book = supervisor.adapters  # runtime LoRA adapters, for both modes
     board = switchboard(settings, supervisor)
     pools, checked = _pools(settings, supervisor)
     for pool, _ in pools:
         pool.on_demand = board.models.get(pool.name)
-    health_checker = HealthChecker(checked)
+    health_checker = HealthChecker(checked, adapter_book)
     scraper = LoadScraper(
         [r for pool, _ in pools if pool.policy == "vllm_metrics" for r in pool.replicas]
     )
-    table = RouteTable(pools)
+    table = RouteTable(pools, {m.name: m.adapters for m in settings.models})
     keys = key_ring(settings)
     clients = UpstreamClients(connect_timeout=settings.timeouts.connect)
     telemetry = Telemetry(table.pools, access_log(settings))
@@ -103,7 +104,9 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             await clients.aclose()
             telemetry.close()
 
-    api = control_api(ControlParts(ModelCatalog(table, clients), telemetry, status, clients))
+    api = control_api(
+        ControlParts(ModelCatalog(table, clients), telemetry, status, clients, adapter_book)
+    )
     app: ASGIApp = Dispatcher(relay, api, lifespan)
     needs = access_policy(frozenset(settings.open_endpoints))
     app = AccessMiddleware(app, keys, needs, on_refused=telemetry.refused)

@@ -1,7 +1,8 @@
 """`GET /v1/models` and `/v1/models/{id}`: the names a client may send, in OpenAI's shapes.
 
 A name outside a key's allow-list is not found, by the same code path and with the same
-message as a name that does not exist.
+message as a name that does not exist. LoRA adapters are listed as models of their own, with
+their base model as `parent` where the key may call the base.
 
 Each backend's context length (`max_model_len`) is asked of the backend once, off the request
 path of the relay, and remembered; a backend that does not answer is listed without it.
@@ -34,28 +35,32 @@ class ModelCatalog:
     async def listing(self, allowed: frozenset[str] | None = None) -> dict[str, Any]:
         """The models a key may use (all when ``allowed`` is None)."""
         await self._learn_max_lens()
-        return {"object": "list", "data": [self._card(n) for n in self.table.names_for(allowed)]}
+        names = self.table.names_for(allowed)
+        return {"object": "list", "data": [self._card(n, allowed) for n in names]}
 
     async def card(self, name: str, allowed: frozenset[str] | None = None) -> dict[str, Any]:
         """One model a key may use; ModelNotFound otherwise, as the relay says it."""
         self.table.resolve(name, allowed)
         await self._learn_max_lens()
-        return self._card(name)
+        return self._card(name, allowed)
 
     async def _learn_max_lens(self) -> None:
         await asyncio.gather(
             *(self._learn_max_len(p) for p in self.table.pools if p.max_model_len is None)
         )
 
-    def _card(self, name: str) -> dict[str, Any]:
-        pool = self.table.resolve(name).pool
+    def _card(self, name: str, allowed: frozenset[str] | None) -> dict[str, Any]:
+        route = self.table.resolve(name)
+        pool = route.pool
         card: dict[str, Any] = {
             "id": name,
             "object": "model",
             "created": self.created,
             "owned_by": "vllm-gateway",
-            "root": pool.name,
+            "root": route.name,
         }
+        if route.adapter is not None and (allowed is None or pool.name in allowed):
+            card["parent"] = pool.name  # as vLLM lists it; only to keys that may call the base
         if pool.max_model_len is not None:
             card["max_model_len"] = pool.max_model_len
         return card

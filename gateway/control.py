@@ -22,8 +22,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.exceptions import HTTPException
 
+from backends.adapters import AdapterBook
 from gateway import waits
 from gateway.admin import add_admin_routes
+from gateway.admin_adapters import add_adapter_routes
 from gateway.catalog import ModelCatalog
 from gateway.errors import (
     BackendUnavailable,
@@ -48,6 +50,7 @@ class ControlParts:
     telemetry: Telemetry
     status: StatusReport
     clients: UpstreamClients
+    adapters: AdapterBook
 
 
 def control_api(parts: ControlParts) -> FastAPI:
@@ -90,6 +93,7 @@ def control_api(parts: ControlParts) -> FastAPI:
         return Response(orjson.dumps(parts.status.document()), media_type="application/json")
 
     add_admin_routes(api, parts.catalog.table, parts.telemetry)
+    add_adapter_routes(api, parts.catalog.table, parts.telemetry, parts.adapters)
 
     @api.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:

@@ -15,6 +15,8 @@ vLLM writes its own there, so Anthropic's SDK raises its usual exceptions.
     ├── PermissionDenied              403 permission_error / insufficient_permissions
     ├── ModelNotFound                 404 invalid_request_error / model_not_found
     ├── RouteNotFound                 404 invalid_request_error / not_found
+    ├── AdapterNotFound               404 invalid_request_error / adapter_not_found
+    ├── Conflict                      409 invalid_request_error / conflict
     ├── MethodNotAllowed              405 invalid_request_error / method_not_allowed
     ├── RequestTimeout                408 invalid_request_error / request_timeout
     ├── PayloadTooLarge               413 invalid_request_error / payload_too_large
@@ -115,6 +117,20 @@ class RouteNotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class AdapterNotFound(GatewayError):
+    """vLLM found no LoRA adapter at the path given (its message is passed on)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "adapter_not_found"
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 class MethodNotAllowed(GatewayError):

@@ -55,9 +55,13 @@ class KeyRing:
         static: Iterable[ApiKey],
         canonical: Mapping[str, str],
         keys_file: str | Path | None = None,
+        runtime_adapters: bool = False,
     ) -> None:
+        """``runtime_adapters``: a key may name a model not configured, an adapter that may be
+        loaded at runtime."""
         self._static = list(static)
         self._canonical = dict(canonical)
+        self._any_name = runtime_adapters
         self._path = Path(keys_file) if keys_file is not None else None
         self._stamp: tuple[int, int, int] | None = None
         self._reloads: set[asyncio.Task[bool]] = set()
@@ -136,7 +140,8 @@ class KeyRing:
 
     def _read_file(self, path: Path) -> list[ApiKey]:
         entries = load_keys_file(path).keys
-        problems = _problems(entries, self._canonical, taken={k.name for k in self._static})
+        known = None if self._any_name else self._canonical
+        problems = _problems(entries, known, taken={k.name for k in self._static})
         if problems:
             raise ConfigError(str(path), problems)
         return [api_key(entry, self._canonical) for entry in entries]
@@ -146,7 +151,7 @@ def key_ring(settings: GatewaySettings) -> KeyRing:
     """The keys of a config. Raises ConfigError for a keys file that does not validate."""
     canonical = settings.canonical_names
     static = [api_key(entry, canonical) for entry in settings.api_keys]
-    return KeyRing(static, canonical, settings.keys_file)
+    return KeyRing(static, canonical, settings.keys_file, settings.runtime_adapters)
 
 
 def api_key(entry: KeySettings, canonical: Mapping[str, str]) -> ApiKey:
@@ -155,7 +160,8 @@ def api_key(entry: KeySettings, canonical: Mapping[str, str]) -> ApiKey:
         if entry.key is not None
         else bytes.fromhex(entry.sha256 or "")
     )
-    models = None if entry.models is None else frozenset(canonical[m] for m in entry.models)
+    # A name the config does not know may be a runtime adapter's: it stands for itself.
+    models = None if entry.models is None else frozenset(canonical.get(m, m) for m in entry.models)
     return ApiKey(
         entry.name,
         secret,
@@ -168,8 +174,9 @@ def api_key(entry: KeySettings, canonical: Mapping[str, str]) -> ApiKey:
 
 
 def _problems(
-    entries: list[KeySettings], canonical: Mapping[str, str], taken: set[str]
+    entries: list[KeySettings], canonical: Mapping[str, str] | None, taken: set[str]
 ) -> list[str]:
+    """``canonical`` None: any model name goes (it may be a runtime adapter's)."""
     problems = []
     seen = set(taken)
     for entry in entries:
@@ -179,7 +186,7 @@ def _problems(
         problems += [
             f"keys.{entry.name}: model {m!r} is not configured"
             for m in entry.models or []
-            if m not in canonical
+            if canonical is not None and m not in canonical
         ]
     return problems
 

@@ -62,6 +62,7 @@ class _Job:
     body: bytes
     stripper: UsageStripper | None  # set when the gateway asked for usage on the client's behalf
     affinity: str | None = None  # the session key, for pools balanced by affinity
+    adapter: str | None = None  # a LoRA adapter: only the replicas that hold it
 
 
 class Relay:
@@ -120,19 +121,20 @@ class Relay:
             return None  # the client left while sending
         path, allowed = scope["path"], key.models if key is not None else None
         if path in MULTIPART_PATHS:
-            pool = self.table.resolve(model_from_multipart(body, head.content_type), allowed).pool
-            record.model = pool.name
-            return _Job(pool, body, None, _affinity(pool, {}, scope))
+            route = self.table.resolve(model_from_multipart(body, head.content_type), allowed)
+            record.model = route.name
+            pool = route.pool
+            return _Job(pool, body, None, _affinity(pool, {}, scope), route.adapter)
         model, doc = model_from_json(body, head.content_type)
         route = self.table.resolve(model, allowed)
-        record.model = route.pool.name
+        record.model = route.name
         with_usage = ask_for_usage(path, doc) if limits.usage_for_all_streams else None
         if with_usage is not None or route.via_alias:
             # Re-encoded only when it must change: an alias becomes the canonical name (the
             # backend knows no other), or the stream is asked to report its token usage.
             body = orjson.dumps({**(with_usage or doc), "model": route.pool.name})
         stripper = UsageStripper() if with_usage is not None else None
-        return _Job(route.pool, body, stripper, _affinity(route.pool, doc, scope))
+        return _Job(route.pool, body, stripper, _affinity(route.pool, doc, scope), route.adapter)
 
     async def _forward(
         self,
@@ -225,7 +227,7 @@ class Relay:
         """
         tried: list[Replica] = []
         while True:
-            replica = _pick(job.pool, tried, job.affinity)
+            replica = _pick(job.pool, tried, job.affinity, job.adapter)
             headers = upstream_headers(scope["headers"], replica.api_key, record.request_id)
             session = self.clients.session(replica.url)
             lease = replica.lease(job.pool)
@@ -306,8 +308,10 @@ def _affinity(pool: ReplicaPool, doc: dict[str, Any], scope: Scope) -> str | Non
     return next((v.decode("latin-1") for k, v in headers if k == pool.affinity_header), None)
 
 
-def _pick(pool: ReplicaPool, tried: list[Replica], affinity: str | None) -> Replica:
-    replica = pool.pick(exclude=tried, affinity=affinity)
+def _pick(
+    pool: ReplicaPool, tried: list[Replica], affinity: str | None, adapter: str | None
+) -> Replica:
+    replica = pool.pick(exclude=tried, affinity=affinity, adapter=adapter)
     if replica is not None:
         return replica
     if pool.loading:

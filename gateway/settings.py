@@ -47,6 +47,14 @@ class Timeouts(_Strict):
     )
 
 
+class LoraSettings(_Strict):
+    """LoRA adapters on this base model: each is a model name of its own."""
+
+    adapters: dict[str, str] = Field(default_factory=dict, description="name -> path, at start")
+    max_rank: int = Field(16, ge=1, description="vLLM's --max-lora-rank")
+    runtime: bool = Field(False, description="adapters may be loaded and unloaded while it runs")
+
+
 class VllmSpawn(_Strict):
     """How the gateway starts this model's own `vllm serve` (spawn mode)."""
 
@@ -58,6 +66,7 @@ class VllmSpawn(_Strict):
     )
     args: dict[str, ArgValue] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
+    lora: LoraSettings | None = None
 
     @field_validator("gpus")
     @classmethod
@@ -187,6 +196,11 @@ class ModelSettings(_Strict):
         return [self.name, *self.aliases]
 
     @property
+    def adapters(self) -> list[str]:
+        """The LoRA adapters the config names on this base model (spawn mode)."""
+        return list(self.vllm.lora.adapters) if self.vllm and self.vllm.lora else []
+
+    @property
     def endpoints(self) -> list[str]:
         """The URLs of a connect-mode model's replicas (none in spawn mode)."""
         return [self.url] if self.url is not None else list(self.urls or [])
@@ -295,6 +309,15 @@ class GatewaySettings(_Strict):
                         f"models[{owner[name]}] ({first})"
                     )
                 owner.setdefault(name, i)
+        for i, model in enumerate(self.models):
+            for adapter in model.adapters:
+                if adapter in owner:
+                    problems.append(
+                        f"models[{i}].vllm.lora.adapters: {adapter!r} is already the name of "
+                        f"models[{owner[adapter]}] ({self.models[owner[adapter]].name})"
+                    )
+                owner.setdefault(adapter, i)
+        runtime = self.runtime_adapters
         named: set[str] = set()
         for entry in self.api_keys:
             if entry.name in named:
@@ -303,7 +326,7 @@ class GatewaySettings(_Strict):
             problems += [
                 f"api_keys.{entry.name}: model {name!r} is not configured"
                 for name in entry.models or []
-                if name not in owner
+                if name not in owner and not runtime  # it may be a runtime adapter's name
             ]
         if problems:
             raise ValueError("; ".join(problems))
@@ -311,8 +334,16 @@ class GatewaySettings(_Strict):
 
     @property
     def canonical_names(self) -> dict[str, str]:
-        """Every model name and alias -> the name of the model it stands for."""
-        return {name: model.name for model in self.models for name in model.names}
+        """Every model name and alias -> the name of the model it stands for; an adapter the
+        config names stands for itself (it is a model of its own)."""
+        names = {name: model.name for model in self.models for name in model.names}
+        names.update({a: a for model in self.models for a in model.adapters})
+        return names
+
+    @property
+    def runtime_adapters(self) -> bool:
+        """Whether adapters may be loaded at runtime (so a key may name one not yet loaded)."""
+        return any(m.vllm and m.vllm.lora and m.vllm.lora.runtime for m in self.models)
 
 
 class ConfigError(Exception):

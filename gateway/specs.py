@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from backends.adapters import RUNTIME_ENV
 from backends.gpus import visible_gpu_memory
 from backends.on_demand import OnDemand, OnDemandModel, Servers
 from backends.placement import shares_per_gpu
@@ -26,6 +27,13 @@ def backend_specs(settings: GatewaySettings) -> list[VllmSpec]:
         if model.on_demand is not None and model.on_demand.unload == "sleep":
             args[SLEEP_MODE_FLAG] = True
             env.update(DEV_MODE_ENV)
+        if (lora := model.vllm.lora) is not None:
+            args["enable-lora"] = True
+            args["max-lora-rank"] = lora.max_rank
+            if lora.adapters:
+                args["lora-modules"] = [f"{name}={path}" for name, path in lora.adapters.items()]
+            if lora.runtime:
+                env.update(RUNTIME_ENV)
         for index, gpus in enumerate(groups):
             specs.append(
                 VllmSpec(

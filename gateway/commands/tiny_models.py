@@ -7,6 +7,7 @@ needs (head_dim 64). Their answers are nonsense; their wire format is exactly vL
     chat/      Qwen2 causal LM with a ChatML template and <think> / </think> tokens
     embed/     BERT encoder (served with --runner pooling)
     rerank/    BERT cross-encoder with one label (score and rerank)
+    lora/      a rank-8 LoRA adapter of chat/ (q_proj and v_proj), non-zero: its answers differ
 
 Needs torch, transformers and tokenizers: the `cpu` extra of this project brings them.
 """
@@ -23,7 +24,8 @@ from typing import Any
 VOCAB_SIZE = 2048
 HIDDEN = 128
 HEADS = 2  # head_dim = 64: vLLM's CPU attention needs 32 or more
-KINDS = ("chat", "embed", "rerank")
+KINDS = ("chat", "embed", "rerank", "lora")
+LORA_RANK = 8
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -57,14 +59,48 @@ def corpus(lines: int = 4000, seed: int = 0) -> list[str]:
 def build_all(out_dir: str | Path, kinds: tuple[str, ...] = KINDS) -> dict[str, Path]:
     """Build (or reuse) each kind under ``out_dir``; returns kind -> model directory."""
     out = Path(out_dir)
-    builders = {"chat": build_chat, "embed": build_embedder, "rerank": build_reranker}
+    builders = {
+        "chat": build_chat,
+        "embed": build_embedder,
+        "rerank": build_reranker,
+        "lora": build_lora,
+    }
     built = {}
     for kind in kinds:
         target = out / kind
-        if not (target / "config.json").exists() or not (target / "tokenizer.json").exists():
+        done = ("adapter_config.json",) if kind == "lora" else ("config.json", "tokenizer.json")
+        if not all((target / name).exists() for name in done):
             builders[kind](target)
         built[kind] = target
     return built
+
+
+def build_lora(target: Path) -> None:
+    """A LoRA adapter for chat/: random, non-zero A and B, so greedy output differs from the
+    base model's (a zero B would change nothing)."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    tensors = {}
+    for layer in range(2):
+        for proj in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(LORA_RANK, HIDDEN) * 0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(HIDDEN, LORA_RANK) * 0.5
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(target / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": LORA_RANK,
+        "lora_alpha": 2 * LORA_RANK,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": "chat",
+    }
+    (target / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
 def build_chat(target: Path) -> None:
