@@ -63,7 +63,7 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
     scraper = LoadScraper(
         [r for pool, _ in pools if pool.policy == "vllm_metrics" for r in pool.replicas]
     )
-    table = RouteTable(pools, {m.name: m.adapters for m in settings.models})
+    table = RouteTable(pools, {m.name: m.adapter_names for m in settings.models})
     keys = key_ring(settings)
     clients = UpstreamClients(connect_timeout=settings.timeouts.connect)
     telemetry = Telemetry(table.pools, access_log(settings))

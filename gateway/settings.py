@@ -163,6 +163,11 @@ class ModelSettings(_Strict):
     )
     health: HealthSettings = Field(default_factory=lambda: HealthSettings())
     on_demand: OnDemandSettings | None = None
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="connect mode: LoRA adapters the backend serves, so keys may name them "
+        "(others are learned from its /v1/models all the same)",
+    )
 
     @field_validator("url")
     @classmethod
@@ -187,6 +192,8 @@ class ModelSettings(_Strict):
             raise ValueError("give `api_key` or `api_key_env`, not both")
         if self.api_key_env is not None and self.vllm is not None:
             raise ValueError("`api_key_env` is for connect mode: spawned servers get their own")
+        if self.adapters and self.vllm is not None:
+            raise ValueError("`adapters` is for connect mode; spawn mode: `vllm.lora.adapters`")
         if self.on_demand is not None and self.vllm is None:
             raise ValueError("`on_demand` needs `vllm`: the gateway starts only what it spawns")
         return self
@@ -196,9 +203,11 @@ class ModelSettings(_Strict):
         return [self.name, *self.aliases]
 
     @property
-    def adapters(self) -> list[str]:
-        """The LoRA adapters the config names on this base model (spawn mode)."""
-        return list(self.vllm.lora.adapters) if self.vllm and self.vllm.lora else []
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters the config names on this base model (both modes)."""
+        if self.vllm is not None:
+            return list(self.vllm.lora.adapters) if self.vllm.lora else []
+        return list(self.adapters)
 
     @property
     def endpoints(self) -> list[str]:
@@ -310,10 +319,10 @@ class GatewaySettings(_Strict):
                     )
                 owner.setdefault(name, i)
         for i, model in enumerate(self.models):
-            for adapter in model.adapters:
+            for adapter in model.adapter_names:
                 if adapter in owner:
                     problems.append(
-                        f"models[{i}].vllm.lora.adapters: {adapter!r} is already the name of "
+                        f"models[{i}]: adapter {adapter!r} is already the name of "
                         f"models[{owner[adapter]}] ({self.models[owner[adapter]].name})"
                     )
                 owner.setdefault(adapter, i)
@@ -337,7 +346,7 @@ class GatewaySettings(_Strict):
         """Every model name and alias -> the name of the model it stands for; an adapter the
         config names stands for itself (it is a model of its own)."""
         names = {name: model.name for model in self.models for name in model.names}
-        names.update({a: a for model in self.models for a in model.adapters})
+        names.update({a: a for model in self.models for a in model.adapter_names})
         return names
 
     @property

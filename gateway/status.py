@@ -49,6 +49,7 @@ class StatusReport:
                     if r.health_latency is not None
                     else None,
                     "kv_cache": None if r.kv_cache is None else kv_cache_document(r.kv_cache),
+                    "adapters": sorted(r.adapters),
                 }
                 for i, r in enumerate(pool.replicas)
             ]

@@ -16,7 +16,9 @@ echo_headers answers with the headers and the URL (path and query) it received.
 with SIGKILL. `--enable-sleep-mode` with `VLLM_SERVER_DEV_MODE=1` serves vLLM's sleep endpoints
 (`--fail-wake`: /wake_up fails) and counts a `violation` in /fake/stats, loudly on stderr, when
 put to sleep with a request in flight, asked to generate asleep, or woken from level 2 without
-`reload_weights`.
+`reload_weights`. `--lora-modules name=path` serves adapters (listed with their parent);
+with `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` it loads and unloads them as vLLM does (a path
+containing "missing", or every path with `FAKE_VLLM_LORA_FAILS=1`, is not found).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class Options:
     max_model_len: int = 2048
     startup_delay: float = 0.0
     num_gpu_blocks: int | None = None
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA name -> path
+    runtime_lora: bool = False  # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
+    lora_fails: bool = False  # every runtime load fails (a replica that cannot read the path)
     sleep_mode: bool = False  # --enable-sleep-mode with VLLM_SERVER_DEV_MODE=1, as vLLM wants
     fail_wake: bool = False
     asleep: int = 0  # the level it sleeps at; 0 awake
@@ -164,12 +169,18 @@ class FakeVllmProtocol(asyncio.Protocol):
                 }
                 for n in opts.served_names
             ]
+            cards += [
+                {"id": a, "object": "model", "root": p, "parent": opts.served_names[0]}
+                for a, p in opts.adapters.items()
+            ]
             return self._write(200, orjson.dumps({"object": "list", "data": cards}))
         try:
             body: dict[str, Any] = orjson.loads(req.body) if req.body else {}
         except orjson.JSONDecodeError:
             return self._write(400, _error("invalid JSON", 400))
-        if body.get("model") not in opts.served_names:
+        if path in (b"/v1/load_lora_adapter", b"/v1/unload_lora_adapter"):
+            return self._lora(path, body)
+        if body.get("model") not in opts.served_names and body.get("model") not in opts.adapters:
             return self._write(404, _error(f"The model `{body.get('model')}` does not exist.", 404))
         fake = body.get("fake") or {}
         if fake.get("drop"):  # close without a word, like a server killed mid-request
@@ -233,6 +244,25 @@ class FakeVllmProtocol(asyncio.Protocol):
             opts.asleep = 0
             opts.stats["wakes"] += 1
         return self._write(200, b"")
+
+    def _lora(self, path: bytes, body: dict[str, Any]) -> None:
+        """vLLM's runtime LoRA endpoints, with its answers: a path "missing" is not found."""
+        opts, name = self.options, str(body.get("lora_name", ""))
+        if not opts.runtime_lora:
+            return self._write(404, b'{"detail":"Not Found"}')
+        if path == b"/v1/unload_lora_adapter":
+            if opts.adapters.pop(name, None) is None:
+                return self._write(404, _error(f"The lora adapter '{name}' cannot be found.", 404))
+            return self._write(200, b"Success: LoRA adapter unloaded", content_type=b"text/plain")
+        if name in opts.adapters:
+            return self._write(
+                400, _error(f"The lora adapter '{name}' has already been loaded.", 400)
+            )
+        lora_path = str(body.get("lora_path", ""))
+        if "missing" in lora_path or opts.lora_fails:
+            return self._write(404, _error(f"No adapter found for {lora_path}", 404))
+        opts.adapters[name] = lora_path
+        return self._write(200, b"Success: LoRA adapter added", content_type=b"text/plain")
 
     def _violation(self, what: str) -> None:
         self.options.stats["violations"] += 1
@@ -378,6 +408,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Options]:
     parser.add_argument("--engine-core", action="store_true", help="start a long-lived child")
     parser.add_argument("--enable-sleep-mode", action="store_true")
     parser.add_argument("--fail-wake", action="store_true", help="/wake_up answers 500")
+    parser.add_argument("--lora-modules", nargs="+", default=[], help="name=path ...")
     args, _unknown = parser.parse_known_args(argv)  # ignore other vLLM flags
     options = Options(
         served_names=args.served_model_name or [args.model_pos or args.model],
@@ -389,6 +420,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Options]:
         num_gpu_blocks=args.num_gpu_blocks,
         sleep_mode=args.enable_sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1",
         fail_wake=args.fail_wake,
+        adapters=dict(m.split("=", 1) for m in args.lora_modules),
+        runtime_lora=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING") == "True",
+        lora_fails=os.environ.get("FAKE_VLLM_LORA_FAILS") == "1",
     )
     return args, options
 

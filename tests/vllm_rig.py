@@ -9,6 +9,9 @@ first integration test wait for readiness. Two groups start together:
 - two gateway processes in spawn mode, which start their own servers (one of them is killed
   with SIGKILL by a test, to show that its vLLM server dies with it).
 
+The chat server also serves a LoRA adapter (`sql`), and the spawned chat model may load
+adapters at runtime.
+
 Set VLLM_GATEWAY_TEST_URLS="tiny-chat=http://127.0.0.1:18001,..." to reuse running servers.
 """
 
@@ -36,8 +39,15 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_
 PYTHON_LAUNCHER = (sys.executable, "-m", "vllm.entrypoints.openai.api_server")
 
 # name -> (tiny model kind, extra vllm serve flags)
+LORA = MODELS_DIR / "lora"  # a rank-8 adapter of the tiny chat model
+# One chat server serves the base model and a LoRA adapter (`sql`), and may load more at runtime.
+LORA_ARGS: dict[str, object] = {
+    "enable-lora": True,
+    "lora-modules": [f"sql={LORA}"],
+    "max-lora-rank": 8,
+}
 BACKENDS: dict[str, tuple[str, dict[str, object]]] = {
-    "tiny-chat": ("chat", {"max-model-len": 1024}),
+    "tiny-chat": ("chat", {"max-model-len": 1024, **LORA_ARGS}),
     "tiny-reasoner": ("chat", {"max-model-len": 1024, "reasoning-parser": "deepseek_r1"}),
     "tiny-embed": ("embed", {"runner": "pooling"}),
     "tiny-rerank": ("rerank", {"runner": "pooling"}),
@@ -51,7 +61,11 @@ CPU_ARGS: dict[str, object] = {"dtype": "float32", "enforce-eager": True}
 def cpu_env(core: int) -> dict[str, str]:
     """vLLM's CPU build binds every server's compute to core 0 unless told otherwise; spreading
     the servers over both cores halves the time they take to start together."""
-    return {**CPU_ENV, "VLLM_CPU_OMP_THREADS_BIND": str(core % (os.cpu_count() or 1))}
+    return {
+        **CPU_ENV,
+        "VLLM_CPU_OMP_THREADS_BIND": str(core % (os.cpu_count() or 1)),
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # only servers started with LoRA use it
+    }
 
 
 def spec_for(name: str, kind: str, args: dict[str, object], core: int) -> VllmSpec:
@@ -92,7 +106,14 @@ class VllmRig:
         self._spawn_gateway(
             "mixed",
             [
-                _spawned("spawned-chat", "chat", ["sc"], core=0, replicas=2),
+                _spawned(
+                    "spawned-chat",
+                    "chat",
+                    ["sc"],
+                    core=0,
+                    replicas=2,
+                    lora={"max_rank": 8, "runtime": True},
+                ),
                 {"name": "tiny-embed", "url": self.urls["tiny-embed"]},
             ],
         )
@@ -145,18 +166,23 @@ class VllmRig:
 
 
 def _spawned(
-    name: str, kind: str, aliases: list[str], core: int, replicas: int = 1, **args: object
+    name: str,
+    kind: str,
+    aliases: list[str],
+    core: int,
+    replicas: int = 1,
+    lora: dict[str, object] | None = None,
+    **args: object,
 ) -> dict[str, object]:
-    return {
-        "name": name,
-        "aliases": aliases,
-        "vllm": {
-            "model": str(MODELS_DIR / kind),
-            "replicas": replicas,
-            "args": {**CPU_ARGS, "max-model-len": 512, **args},
-            "env": cpu_env(core),
-        },
+    vllm: dict[str, object] = {
+        "model": str(MODELS_DIR / kind),
+        "replicas": replicas,
+        "args": {**CPU_ARGS, "max-model-len": 512, **args},
+        "env": cpu_env(core),
     }
+    if lora is not None:
+        vllm["lora"] = lora
+    return {"name": name, "aliases": aliases, "vllm": vllm}
 
 
 def _serves(url: str, model: str) -> bool:

@@ -15,18 +15,23 @@ from tests.vllm_rig import ARTIFACTS
 
 KEY = "sk-integration"
 MONITOR_KEY = "sk-integration-monitor"  # reads /metrics and the backends' metrics
+SQL_KEY = "sk-integration-sql"  # may call the `sql` adapter only
 
 
 @pytest.fixture(scope="session")
 def gateway(vllm: dict[str, str]) -> Iterator[GatewayProcess]:
     models = [
-        {"name": "tiny-chat", "aliases": ["chat"], "url": vllm["tiny-chat"]},
+        {"name": "tiny-chat", "aliases": ["chat"], "url": vllm["tiny-chat"], "adapters": ["sql"]},
         {"name": "tiny-reasoner", "url": vllm["tiny-reasoner"]},
         {"name": "tiny-embed", "url": vllm["tiny-embed"]},
         {"name": "tiny-rerank", "url": vllm["tiny-rerank"]},
         {"name": "nobody-home", "url": "http://127.0.0.1:9"},  # nothing listens on port 9
     ]
-    keys = [KEY, {"name": "dashboards", "key": MONITOR_KEY, "monitor": True}]
+    keys = [
+        KEY,
+        {"name": "dashboards", "key": MONITOR_KEY, "monitor": True},
+        {"name": "sql-team", "key": SQL_KEY, "models": ["sql"]},
+    ]
     server = GatewayProcess({"models": models, "api_keys": keys}, ARTIFACTS)
     yield server
     server.close()

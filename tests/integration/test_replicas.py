@@ -4,7 +4,8 @@ The kill hits the server and the gateway's helper above it, as `pkill -9 -f <mod
 engine core below them must not survive (the gateway ends the rest of the tree). Every request
 that had not started streaming must succeed (the gateway retries it on the other replica), every
 stream cut by the dying server must end with an error event and [DONE], the
-dead replica must leave the pool at once and come back once the supervisor restarted it.
+dead replica must leave the pool at once and come back once the supervisor restarted it, with
+the runtime LoRA adapter it held loaded again before it is admitted.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ import signal
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from tests.integration.spawned import AUTH, chat, embed, vllm_servers
 from tests.servers import alive, descendants, parent, wait_until
-from tests.vllm_rig import ARTIFACTS, READY_TIMEOUT, VllmRig
+from tests.vllm_rig import ARTIFACTS, LORA, READY_TIMEOUT, VllmRig
 
 pytestmark = pytest.mark.vllm
 CLIENTS, SECONDS, KILL_AT = 8, 30.0, 8.0
+ADAPTER = "sc-runtime"
 
 
 def replicas(url: str) -> list[dict[str, object]]:
@@ -33,9 +36,9 @@ def replicas(url: str) -> list[dict[str, object]]:
     return model["replicas"]  # type: ignore[no-any-return]
 
 
-def one_request(url: str, stream: bool) -> str:
+def one_request(url: str, stream: bool, model: str = "sc") -> str:
     body = {
-        "model": "sc",
+        "model": model,
         "messages": [{"role": "user", "content": "count"}],
         "max_tokens": 160 if stream else 16,  # long streams, so the kill cuts some mid-way
         "ignore_eos": True,
@@ -65,6 +68,15 @@ def test_killing_one_replica_under_load(rig: VllmRig) -> None:
     )
     assert chat(gw, "sc").json()["model"] == "spawned-chat"  # the alias, answered as its model
     assert embed(gw, "tiny-embed").status_code == 200  # the connect-mode model of the config
+    # A runtime LoRA adapter on both replicas: the restarted one must get it back before it
+    # is admitted, so no request for it may fail (half the plain requests name it).
+    loaded = httpx.post(
+        f"{gw.url}/admin/models/spawned-chat/adapters",
+        json={"name": ADAPTER, "path": str(LORA)},
+        headers=AUTH,
+        timeout=120,
+    )
+    assert loaded.status_code == 200, loaded.text
     servers = vllm_servers(gw)
     assert len(servers) == 2
 
@@ -74,8 +86,9 @@ def test_killing_one_replica_under_load(rig: VllmRig) -> None:
 
     def client(n: int) -> None:
         stream = n % 2 == 0
+        model = ADAPTER if n % 4 == 1 else "sc"
         while time.monotonic() < stop_at:
-            outcome = one_request(gw.url, stream)
+            outcome = one_request(gw.url, stream, model)
             with lock:
                 outcomes[outcome] += 1
 
@@ -111,6 +124,10 @@ def test_killing_one_replica_under_load(rig: VllmRig) -> None:
         every=1,
     )
     restarted_after = time.monotonic() - killed
+    assert [r["adapters"] for r in replicas(gw.url)] == [[ADAPTER]] * 2  # restored
+    with ThreadPoolExecutor(8) as pool:  # under load, right after the restart
+        after = Counter(pool.map(lambda _: one_request(gw.url, False, ADAPTER), range(24)))
+    assert after == {"plain 200": 24}, after
     report = {
         "outcomes": dict(outcomes),
         "ejected_after_s": round(ejected_after, 2),
