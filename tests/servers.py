@@ -8,8 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +19,10 @@ from backends.process import free_port
 from gateway.app import create_app
 from gateway.server import uvicorn_config
 from gateway.settings import GatewaySettings, settings_from_dict
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_VLLM = str(ROOT / "tests" / "fake_vllm.py")
-
-
-def wait_until(
-    condition: Callable[[], bool], timeout: float, what: str, every: float = 0.05
-) -> None:
-    """Poll a condition with a deadline: tests wait on conditions, never on fixed sleeps."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
 def answers(url: str) -> bool:

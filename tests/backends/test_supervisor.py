@@ -6,12 +6,10 @@ quick to provoke and the timings short.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -20,6 +18,7 @@ import pytest
 from backends.lifecycle import BackendState
 from backends.spec import VllmSpec
 from backends.supervisor import SpawnHealth, Supervisor, SupervisorTimings
+from tests.helpers import until
 from tests.servers import FAKE_VLLM, alive, descendants
 
 FAST = SupervisorTimings(
@@ -43,14 +42,6 @@ async def supervisor(tmp_path: Path) -> AsyncIterator[Supervisor]:
     await sup.start()
     yield sup
     await sup.stop()
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        await asyncio.sleep(0.02)
 
 
 async def test_backend_becomes_ready_and_answers_with_its_own_key(supervisor: Supervisor) -> None:

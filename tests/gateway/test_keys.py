@@ -18,14 +18,11 @@ import yaml
 
 from gateway.keys import ApiKey, key_ring
 from gateway.settings import ConfigError, settings_from_dict
-from tests.servers import FakeBackend, GatewayProcess, running_gateway, wait_until
+from tests.helpers import bearer, wait_until
+from tests.servers import FakeBackend, GatewayProcess, running_gateway
 
 CHAT = {"name": "tiny-chat", "aliases": ["chat"], "url": "http://127.0.0.1:9"}
 EMBED = {"name": "tiny-embed", "url": "http://127.0.0.1:9"}
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def write_keys(path: Path, *entries: dict[str, object]) -> None:

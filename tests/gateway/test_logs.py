@@ -7,7 +7,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.servers import FakeBackend, GatewayProcess, wait_until
+from tests.helpers import wait_until
+from tests.servers import FakeBackend, GatewayProcess
 
 
 def test_json_access_log_has_one_line_per_request(tmp_path: Path, fake: FakeBackend) -> None:

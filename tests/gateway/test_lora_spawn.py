@@ -15,15 +15,13 @@ import pytest
 
 from backends.adapters import AdapterBook
 from backends.pool import Replica
-from backends.supervisor import SpawnHealth, Supervisor, SupervisorTimings
+from backends.supervisor import Supervisor
 from gateway.admin_adapters import _load_everywhere
 from gateway.errors import BadGateway
 from gateway.specs import backend_specs
-from tests.servers import FAKE_VLLM, FakeBackend, GatewayServer, gateway_settings, wait_until
+from tests.helpers import FAST_SPAWN, wait_until
+from tests.servers import FAKE_VLLM, FakeBackend, GatewayServer, gateway_settings
 
-FAST = SupervisorTimings(
-    poll_interval=0.05, health=SpawnHealth(interval=0.2), backoff_base=0.1, stop_grace=2
-)
 KEYS = [
     {"name": "ops", "key": "sk-admin", "admin": True},
     {"name": "app", "key": "sk-app"},
@@ -45,7 +43,7 @@ class LoraGateway:
         settings = gateway_settings(
             [BASE], launcher=[sys.executable, FAKE_VLLM], log_dir=str(tmp_path), api_keys=KEYS
         )
-        self.supervisor = Supervisor(backend_specs(settings), log_dir=tmp_path, timings=FAST)
+        self.supervisor = Supervisor(backend_specs(settings), log_dir=tmp_path, timings=FAST_SPAWN)
         self.server = GatewayServer(settings, supervisor=self.supervisor)
         self.url = self.server.url
         wait_until(lambda: self.states() == ["ready", "ready"], 15, "both replicas")

@@ -11,13 +11,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import GatewayMetrics
 from gateway.record import RequestRecord
+from tests.helpers import bearer
 from tests.servers import FakeBackend, GatewayServer, gateway_settings
 
 KEYS = [{"name": "team-a", "key": "sk-a"}, {"name": "ops", "key": "sk-ops", "monitor": True}]
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def scrape(gateway: GatewayServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -17,13 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
-from backends.supervisor import SpawnHealth, Supervisor, SupervisorTimings
+from backends.supervisor import Supervisor
 from gateway.specs import backend_specs, on_demand_names
+from tests.helpers import FAST_SPAWN
 from tests.servers import FAKE_VLLM, GatewayProcess, GatewayServer, alive, gateway_settings
 
-FAST = SupervisorTimings(
-    poll_interval=0.05, health=SpawnHealth(interval=0.2), backoff_base=0.1, stop_grace=2
-)
 ADMIN, USER = "sk-admin", "sk-user"
 ONLY_B = "sk-only-b"
 KEYS = [{"name": "ops", "key": ADMIN, "admin": True}, {"name": "app", "key": USER}]
@@ -48,7 +46,7 @@ class OnDemandGateway:
         self.supervisor = Supervisor(
             backend_specs(settings),
             log_dir=tmp_path,
-            timings=FAST,
+            timings=FAST_SPAWN,
             on_demand=on_demand_names(settings),
         )
         self.server = GatewayServer(settings, supervisor=self.supervisor)

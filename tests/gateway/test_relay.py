@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.servers import FakeBackend, GatewayServer, gateway_settings, wait_until
+from tests.helpers import wait_until
+from tests.servers import FakeBackend, GatewayServer, gateway_settings
 
 KEY = {"Authorization": "Bearer sk-client"}
 

@@ -11,7 +11,8 @@ from collections import Counter
 
 import httpx
 
-from tests.servers import FakeBackend, running_gateway, wait_until
+from tests.helpers import wait_until
+from tests.servers import FakeBackend, running_gateway
 
 FAST_HEALTH = {"interval": 0.2, "unhealthy_threshold": 1, "healthy_threshold": 2}
 

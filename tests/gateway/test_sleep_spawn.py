@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from tests.gateway.test_on_demand_spawn import USER, OnDemandGateway, on_demand_model
-from tests.servers import alive, wait_until
+from tests.helpers import wait_until
+from tests.servers import alive
 
 
 def sleeper(name: str, level: int = 1, idle_ttl: float = 30, **args: object) -> dict[str, Any]:

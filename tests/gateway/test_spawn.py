@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backends.supervisor import SpawnHealth, Supervisor, SupervisorTimings
+from backends.supervisor import Supervisor
 from gateway.specs import backend_specs
+from tests.helpers import FAST_SPAWN
 from tests.servers import (
     FAKE_VLLM,
     GatewayProcess,
@@ -21,10 +22,6 @@ from tests.servers import (
     descendants,
     gateway_settings,
     wait_until,
-)
-
-FAST = SupervisorTimings(
-    poll_interval=0.05, health=SpawnHealth(interval=0.2), backoff_base=0.1, stop_grace=2
 )
 
 
@@ -38,7 +35,7 @@ def test_a_loading_model_answers_503_with_retry_after_then_serves(tmp_path: Path
         launcher=[sys.executable, FAKE_VLLM],
         log_dir=str(tmp_path),
     )
-    supervisor = Supervisor(backend_specs(settings), log_dir=tmp_path, timings=FAST)
+    supervisor = Supervisor(backend_specs(settings), log_dir=tmp_path, timings=FAST_SPAWN)
     gateway = GatewayServer(settings, supervisor=supervisor)
     try:
         request = {"model": "slow", "messages": []}

@@ -10,15 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backends.supervisor import SpawnHealth, Supervisor, SupervisorTimings
+from backends.supervisor import Supervisor
 from gateway.specs import backend_specs
+from tests.helpers import FAST_SPAWN
 from tests.servers import FAKE_VLLM, ROOT, FakeBackend, GatewayServer, gateway_settings
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts"))
-FAST = SupervisorTimings(
-    poll_interval=0.05, health=SpawnHealth(interval=0.2), backoff_base=0.1, stop_grace=2
-)
 
 
 def test_status_json_describes_every_replica(fake: FakeBackend) -> None:
@@ -72,7 +70,7 @@ def test_status_page_in_a_real_browser(tmp_path: Path) -> None:
         launcher=[sys.executable, FAKE_VLLM],
         log_dir=str(tmp_path),
     )
-    supervisor = Supervisor(backend_specs(settings), log_dir=tmp_path, timings=FAST)
+    supervisor = Supervisor(backend_specs(settings), log_dir=tmp_path, timings=FAST_SPAWN)
     gateway = GatewayServer(settings, supervisor=supervisor)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     try:

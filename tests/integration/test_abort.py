@@ -10,8 +10,9 @@ import time
 import httpx
 import pytest
 
+from tests.helpers import wait_until
 from tests.integration.conftest import KEY
-from tests.servers import GatewayProcess, wait_until
+from tests.servers import GatewayProcess
 
 pytestmark = pytest.mark.vllm
 # Seen before, in some full-suite runs only: the request finished on vLLM without the test ever

@@ -18,8 +18,9 @@ import httpx
 import openai
 import pytest
 
+from tests.helpers import wait_until
 from tests.integration.spawned import AUTH, vllm_servers
-from tests.servers import GatewayProcess, wait_until
+from tests.servers import GatewayProcess
 from tests.vllm_rig import ARTIFACTS, CPU_ARGS, MODELS_DIR, cpu_env
 
 pytestmark = pytest.mark.vllm

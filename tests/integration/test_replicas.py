@@ -21,8 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests.helpers import wait_until
 from tests.integration.spawned import AUTH, chat, embed, vllm_servers
-from tests.servers import alive, descendants, parent, wait_until
+from tests.servers import alive, descendants, parent
 from tests.vllm_rig import ARTIFACTS, LORA, READY_TIMEOUT, VllmRig
 
 pytestmark = pytest.mark.vllm

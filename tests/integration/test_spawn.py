@@ -7,8 +7,9 @@ import signal
 import httpx
 import pytest
 
+from tests.helpers import wait_until
 from tests.integration.spawned import AUTH, chat, embed, ok, vllm_servers
-from tests.servers import alive, descendants, wait_until
+from tests.servers import alive, descendants
 from tests.vllm_rig import READY_TIMEOUT, VllmRig
 
 pytestmark = pytest.mark.vllm
