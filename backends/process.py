@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import random
 import signal
 import socket
 import sys
@@ -28,22 +29,38 @@ LEFTOVER_GRACE = 2.0
 
 # Ports this process handed out lately; see free_port.
 _recent_ports: collections.deque[int] = collections.deque(maxlen=4096)
+LOWEST_PORT = 20000
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now, never one this process handed out lately.
+    """A port for a server to bind, below the kernel's ephemeral range where the range allows,
+    free now, and never one this process handed out lately.
 
-    The kernel may offer a port again as soon as it is closed, and a server takes seconds to bind
-    the port it was given: two servers started one after the other could get the same port, and
-    the slower one dies with "address in use" while the other answers in its place.
+    A server binds its port seconds after it is given it. Meanwhile the kernel hands out its
+    ephemeral ports to every outgoing connection and every bind to port 0, in this process and
+    in others: a port taken from that range could be taken again before the server binds it,
+    and the server would die with "address in use" while another answered in its place.
     """
+    low = _ephemeral_low()
     while True:
+        port = random.randrange(LOWEST_PORT, low) if low > LOWEST_PORT + 1000 else 0
         with socket.socket() as sock:
-            sock.bind((host, 0))
-            port: int = sock.getsockname()[1]
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue  # in use: another try
+            port = int(sock.getsockname()[1])
         if port not in _recent_ports:
             _recent_ports.append(port)
             return port
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0  # unknown: the kernel's choice (port 0)
 
 
 class BackendProcess:

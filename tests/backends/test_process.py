@@ -39,6 +39,15 @@ def test_a_port_is_never_handed_out_twice(monkeypatch: pytest.MonkeyPatch) -> No
     one and bound it first; the gateway answered at the chat model's address."""
     offering = KernelOffering(iter([40001, 40001, 40001, 40002]))
     monkeypatch.setattr(process.socket, "socket", offering)
+    monkeypatch.setattr(process, "_ephemeral_low", lambda: 0)  # the kernel chooses
     monkeypatch.setattr(process, "_recent_ports", process.collections.deque(maxlen=16))
     assert process.free_port() == 40001
     assert process.free_port() == 40002
+
+
+def test_ports_come_from_below_the_kernels_ephemeral_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outgoing connections and binds to port 0 take ephemeral ports: a server's port from
+    below that range cannot be taken by them before the server binds it."""
+    monkeypatch.setattr(process, "_ephemeral_low", lambda: 32768)
+    ports = {process.free_port() for _ in range(50)}
+    assert all(process.LOWEST_PORT <= port < 32768 for port in ports)
