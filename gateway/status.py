@@ -100,6 +100,7 @@ def model_document(pool: ReplicaPool) -> dict[str, Any]:
         wakes=model.wakes,
         last_wake_s=round(model.wake_times[-1], 2) if model.wake_times else None,
         unload=model.config.unload,
+        sleep_level=model.config.sleep_level,
         waiting=model.waiting,
         idle_ttl=model.config.idle_ttl,
     )

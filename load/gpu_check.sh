@@ -100,8 +100,8 @@ bench)
   python3 load/gpu_steps.py bench chat-b "$STATE/tiny/chat" "$STATE/bench" > "$res/bench.json"
   ;;
 sleep)
-  # Two on-demand 7B-shape models that cannot share GPU 0, `unload: sleep` at level 2; level 1
-  # is measured by admin sleeps. Needs `install` first; builds the model if `shares` did not.
+  # Two on-demand 7B-shape models that cannot share GPU 0, `unload: sleep` at SLEEP_LEVEL (2);
+  # level-1 rounds by admin sleeps too. Needs `install` first; builds the model if needed.
   [ -d "$STATE/chat-7b" ] || python3 load/gpu_models.py "$STATE/chat-7b" --tokenizer-from "$STATE/tiny/chat" | tee "$res/model.txt"
   cat > "$STATE/sleep.yaml" <<YAML
 host: 127.0.0.1
@@ -117,20 +117,22 @@ YAML
       model: $STATE/chat-7b
       gpus: [0]
       args: {gpu-memory-utilization: 0.6, enforce-eager: true, dtype: bfloat16, max-model-len: 4096}
-    on_demand: {idle_ttl: 3600, min_resident: 0, start_timeout: 600, unload: sleep, sleep_level: 2}
+    on_demand: {idle_ttl: 3600, min_resident: 0, start_timeout: 600, unload: sleep, sleep_level: ${SLEEP_LEVEL:-2}}
 YAML
   done
   python3 -m gateway plan --config "$STATE/sleep.yaml" > "$res/sleep-plan.txt" 2>&1 || true
   start_gateway "$STATE/sleep.yaml"
   python3 load/gpu_steps.py wait-up --timeout 60
   log "sleep: cold starts, ${ALTERNATIONS:-20} swaps, ${RACE:-60}s race, ${LEVEL1:-2} level-1 rounds"
-  timeout "${SLEEP_BUDGET:-480}" python3 load/gpu_sleep.py run sleep-a sleep-b --save "$res/sleep.json" \
+  doc=${OUT:-$res}/sleep-level${SLEEP_LEVEL:-2}.json  # in $OUT as it grows: a cut run keeps it
+  timeout "${SLEEP_BUDGET:-480}" python3 load/gpu_sleep.py run sleep-a sleep-b --save "$doc" \
     --alternations "${ALTERNATIONS:-20}" --race "${RACE:-60}" --level1-rounds "${LEVEL1:-2}" || true
   grep -E "asleep|awake|woke|loaded|wake failed|did not fall|start failed|restart" \
     "$STATE/gateway.log" > "$res/sleep-gateway-lines.txt" || true
   grep -ciE "cuda error|traceback|exception" "$STATE"/logs/sleep-*.log > "$res/sleep-backend-errors.txt" || true
   stop_gateway
-  python3 load/gpu_sleep.py report "$res/sleep.json" > "$res/sleep.md" || true
+  cp "$doc" "$res/" 2>/dev/null || true
+  python3 load/gpu_sleep.py report "$doc" > "$res/sleep-level${SLEEP_LEVEL:-2}.md" || true
   [ -z "${OUT:-}" ] || { cp "$res"/sleep* "$OUT/"; tail -c 20000 "$STATE/gateway.log" > "$OUT/sleep-gateway-tail.log"; }
   ;;
 report)

@@ -125,6 +125,7 @@ def run(
 ) -> dict[str, Any]:
     """Each stage is saved as soon as it is done: a run cut short still leaves its numbers."""
     doc: dict[str, Any] = {"models": [a, b], "before": gpu_mib_by_model()}
+    doc["sleep_level"] = admin_state()[a].get("sleep_level")
     doc["cold"] = [first_token(a), first_token(b)]  # b's start puts a to sleep
     doc["after_cold"] = {"gpu_mib": gpu_mib_by_model(), "admin": admin_state()}
     save.write_text(json.dumps(doc, indent=1))
@@ -177,6 +178,7 @@ def _p50(values: list[float]) -> float | None:
 
 def report(doc: dict[str, Any]) -> str:
     a, b = doc["models"]
+    level = doc.get("sleep_level", 2)
     cold = [c.get("ttft_s") for c in doc["cold"]]
     swaps = doc.get("alternating", [])
     errors = sum(s["status"] != 200 for s in swaps)
@@ -193,10 +195,11 @@ def report(doc: dict[str, Any]) -> str:
         "race", {"seconds": 0, "requests": 0, "statuses": {}, "slowest_s": None, "hung": None}
     )
     lines = [
-        "## Sleep mode: two 7B-shape models that cannot share GPU 0 (0.6 each), level 2 swaps",
+        f"## Sleep mode: two 7B-shape models that cannot share GPU 0 (0.6 each), level {level} "
+        "swaps",
         "",
         "Measured by `load/gpu_check.sh sleep` (`load/gpu_sleep.py`), gateway spawn mode, "
-        "`unload: sleep`, `sleep_level: 2`.",
+        f"`unload: sleep`, `sleep_level: {level}`.",
         "",
         f"- Cold start to first token: {a} {cold[0]} s, {b} {cold[1]} s (the second one also "
         f"put {a} to sleep).",
