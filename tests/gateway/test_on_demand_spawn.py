@@ -67,6 +67,17 @@ class OnDemandGateway:
             timeout=30,
         )
 
+    def stream(self, model: str) -> list[str]:
+        """The `data:` lines of one streamed chat, read as they come."""
+        with httpx.stream(
+            "POST",
+            f"{self.url}/v1/chat/completions",
+            json={"model": model, "messages": [], "stream": True},
+            headers={"Authorization": f"Bearer {USER}"},
+            timeout=30,
+        ) as response:
+            return [line for line in response.iter_lines() if line.startswith("data: ")]
+
     def admin(self, method: str, path: str, key: str = ADMIN) -> httpx.Response:
         return httpx.request(
             method,
@@ -132,16 +143,9 @@ def test_models_that_cannot_share_a_gpu_take_turns(gateway: OnDemandGateway) -> 
 def test_a_stream_longer_than_the_idle_ttl_completes_then_the_model_stops(
     gateway: OnDemandGateway,
 ) -> None:
-    with httpx.stream(
-        "POST",
-        f"{gateway.url}/v1/chat/completions",
-        json={"model": "paced", "messages": [], "stream": True},
-        headers={"Authorization": f"Bearer {USER}"},
-        timeout=30,
-    ) as response:
-        began = time.monotonic()
-        events = [line for line in response.iter_lines() if line.startswith("data: ")]
-        lasted = time.monotonic() - began
+    began = time.monotonic()
+    events = gateway.stream("paced")
+    lasted = time.monotonic() - began
     assert lasted > 1.0  # two TTLs and more: the open stream kept the model up
     assert events[-1] == "data: [DONE]" and len(events) == 21
     assert gateway.running("paced")

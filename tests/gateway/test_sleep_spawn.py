@@ -69,14 +69,7 @@ def test_a_model_sleeps_only_once_its_stream_has_ended(gateway: SleepGateway) ->
     events: list[str] = []
 
     def stream() -> None:
-        with httpx.stream(
-            "POST",
-            f"{gateway.url}/v1/chat/completions",
-            json={"model": "paced", "messages": [], "stream": True},
-            headers={"Authorization": f"Bearer {USER}"},
-            timeout=30,
-        ) as response:
-            events.extend(line for line in response.iter_lines() if line.startswith("data: "))
+        events.extend(gateway.stream("paced"))
 
     reader = threading.Thread(target=stream)
     reader.start()
