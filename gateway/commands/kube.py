@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from backends.spec import VllmSpec
-from gateway.settings import GatewaySettings, ModelSettings
+from gateway.model_settings import ModelSettings
+from gateway.settings import GatewaySettings
 from gateway.specs import backend_specs
 
 VLLM_IMAGE = "vllm/vllm-openai:v0.24.0"
