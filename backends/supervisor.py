@@ -25,9 +25,8 @@ from pathlib import Path
 
 import httpx
 
-from backends import adapters, kv_cache, sleep_mode
+from backends import adapters, kv_cache, sleep_mode, start_checks
 from backends.gpu_turns import GpuTurns
-from backends.gpus import gpu_memory_holders
 from backends.health import is_healthy, served
 from backends.lifecycle import BackendState
 from backends.on_demand import LoadFailed
@@ -117,7 +116,10 @@ class Supervisor:
         for backend in self.backends.values():
             if not backend.on_demand:
                 self._launch(backend)
-        self._progress = asyncio.create_task(self._report_progress())
+        servers = [(b.spec, b.replica, b.process) for b in self.backends.values()]
+        self._progress = asyncio.create_task(
+            start_checks.report_progress(servers, self.turns, self.timings.progress_interval)
+        )
 
     def _launch(self, backend: Backend) -> None:
         backend.became_ready.clear()
@@ -205,7 +207,9 @@ class Supervisor:
     async def _end(self, backend: Backend) -> None:
         pids = await backend.process.stop(self.timings.stop_grace)
         if backend.spec.gpus and pids:
-            await self._gpu_memory_freed(backend.spec.label, pids)
+            await start_checks.gpu_memory_freed(
+                backend.spec.label, pids, self.timings.gpu_release_timeout
+            )
         backend.replica.move(BackendState.STOPPED)
         backend.became_ready.clear()
 
@@ -231,7 +235,9 @@ class Supervisor:
             became_ready = await self._start_and_watch(backend)
             pids = await backend.process.stop(self.timings.stop_grace)
             if backend.spec.gpus:
-                await self._gpu_memory_freed(backend.spec.label, pids)
+                await start_checks.gpu_memory_freed(
+                    backend.spec.label, pids, self.timings.gpu_release_timeout
+                )
             failures_in_a_row = 0 if became_ready else failures_in_a_row + 1
             if backend.on_demand and first_life and not became_ready:
                 backend.replica.move(BackendState.STOPPED)  # a first start: its owner decides
@@ -278,8 +284,8 @@ class Supervisor:
         log.info(
             "%s: ready after %.0fs", spec.label, replica.ready_since - backend.process.started_at
         )
-        if kv_cache.generative(spec):
-            await self._check_kv_cache(backend)
+        if kv_cache.generative(spec) and self._client is not None:
+            await start_checks.check_kv_cache(self._client, spec, replica, self.gpu_memory)
         await self._watch(backend)
         return True
 
@@ -301,57 +307,6 @@ class Supervisor:
             )
             log.info("%s: starting on port %d (pid %s)", spec.label, port, process.pid)
             return await self._wait_ready(backend)
-
-    async def _check_kv_cache(self, backend: Backend) -> None:
-        """Read the KV cache the server got and compare it with what its slice should give."""
-        assert self._client is not None
-        spec, replica = backend.spec, backend.replica
-        try:
-            text = (await self._client.get(f"{replica.url}/metrics")).text
-        except httpx.HTTPError:
-            text = ""
-        cache = kv_cache.KvCache(
-            expected_bytes=kv_cache.expected_bytes(spec, self.gpu_memory),
-            actual_tokens=kv_cache.tokens_from_metrics(text),
-            bytes_per_token=kv_cache.bytes_per_token(spec),
-        )
-        if cache.expected_bytes is None and cache.actual_tokens is None:
-            return  # nothing known on either side: nothing to show
-        replica.kv_cache = cache
-        if cache.short:
-            log.warning(
-                "%s: KV cache is short: %s. A neighbour on GPU %s may have allocated while it "
-                "profiled memory; it serves fewer concurrent tokens than its slice was sized for",
-                spec.label,
-                cache.describe(),
-                ",".join(str(g) for g in spec.gpus) or "-",
-            )
-        else:
-            log.info("%s: KV cache %s", spec.label, cache.describe())
-
-    async def _gpu_memory_freed(self, label: str, pids: list[int]) -> None:
-        """Before a restart, wait until no process of the old tree holds GPU memory."""
-        deadline = time.monotonic() + self.timings.gpu_release_timeout
-        said = False
-        while True:
-            holders = await gpu_memory_holders()
-            held = sorted(set(pids) & set(holders or {}))
-            if not held:
-                if said:
-                    log.info("%s: GPU memory of the old server is free", label)
-                return
-            if time.monotonic() > deadline:
-                log.error(
-                    "%s: pids %s still hold GPU memory after %.0fs; restarting anyway",
-                    label,
-                    held,
-                    self.timings.gpu_release_timeout,
-                )
-                return
-            if not said:
-                log.warning("%s: waiting for pids %s to free their GPU memory", label, held)
-                said = True
-            await asyncio.sleep(1.0)
 
     async def _wait_ready(self, backend: Backend) -> bool:
         assert self._client is not None
@@ -413,25 +368,3 @@ class Supervisor:
             log.error("%s: failed %d health checks in a row", spec.label, failures)
         finally:
             exited.cancel()
-
-    async def _report_progress(self) -> None:
-        """While anything loads, say every few seconds what each backend is doing."""
-        while True:
-            await asyncio.sleep(self.timings.progress_interval)
-            for backend in self.backends.values():
-                state = backend.replica.state
-                if state is BackendState.WAITING:
-                    gpus = ",".join(str(g) for g in backend.spec.gpus)
-                    holders = ", ".join(self.turns.holders(backend.spec.gpus)) or "another model"
-                    elapsed = time.monotonic() - backend.replica.state_since
-                    log.info(
-                        "%s: waiting %.0fs for its turn on GPU %s (%s is starting there)",
-                        backend.spec.label,
-                        elapsed,
-                        gpus,
-                        holders,
-                    )
-                elif state in (BackendState.LOADING, BackendState.RESTARTING):
-                    elapsed = time.monotonic() - backend.process.started_at
-                    last = (backend.process.tail(1) or [""])[0][:160]
-                    log.info("%s: %s for %.0fs | %s", backend.spec.label, state, elapsed, last)
