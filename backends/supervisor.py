@@ -200,6 +200,11 @@ class Supervisor:
                 await sleep_mode.wake_up(
                     self._client, replica.url, level, self.timings.sleep_timeout
                 )
+            # Still not admitted: what it serves now, and any runtime adapter it lost asleep.
+            found = await served(self._client, replica.url, spec.name, replica.api_key)
+            replica.adapters = found if found is not None else replica.adapters
+            if wanted := self.adapters.of(spec.name):
+                await adapters.restore(self._client, replica, wanted)
             replica.move(BackendState.READY)
             backend.became_ready.set()
             log.info("%s: awake after %.2fs", spec.label, time.monotonic() - began)

@@ -49,6 +49,7 @@ class Options:
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA name -> path
     runtime_lora: bool = False  # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
     lora_fails: bool = False  # every runtime load fails (a replica that cannot read the path)
+    drop_adapters_in_deep_sleep: bool = False  # FAKE_VLLM_DEEP_SLEEP_DROPS_ADAPTERS=1
     sleep_mode: bool = False  # --enable-sleep-mode with VLLM_SERVER_DEV_MODE=1, as vLLM wants
     fail_wake: bool = False
     asleep: int = 0  # the level it sleeps at; 0 awake
@@ -230,6 +231,8 @@ class FakeVllmProtocol(asyncio.Protocol):
                 self._violation(f"put to sleep with {opts.running} requests in flight")
             opts.asleep = 2 if "level=2" in query else 1
             opts.weights = opts.asleep == 1
+            if opts.asleep == 2 and opts.drop_adapters_in_deep_sleep:
+                opts.adapters = {}  # what the gateway must give back when it wakes the server
             opts.stats["sleeps"] += 1
             return self._write(200, b"")
         if path == b"/collective_rpc":
@@ -423,6 +426,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Options]:
         adapters=dict(m.split("=", 1) for m in args.lora_modules),
         runtime_lora=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING") == "True",
         lora_fails=os.environ.get("FAKE_VLLM_LORA_FAILS") == "1",
+        drop_adapters_in_deep_sleep=os.environ.get("FAKE_VLLM_DEEP_SLEEP_DROPS_ADAPTERS") == "1",
     )
     return args, options
 

@@ -12,14 +12,24 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.gateway.test_on_demand_spawn import USER, OnDemandGateway, on_demand_model
+from tests.gateway.test_on_demand_spawn import ADMIN, USER, OnDemandGateway, on_demand_model
 from tests.helpers import wait_until
 from tests.servers import alive
+
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 
 def sleeper(name: str, level: int = 1, idle_ttl: float = 30, **args: object) -> dict[str, Any]:
     model = on_demand_model(name, idle_ttl=idle_ttl, **args)
     model["on_demand"].update(unload="sleep", sleep_level=level)
+    return model
+
+
+def deep_sleeper_with_adapters(name: str) -> dict[str, Any]:
+    """Level 2, runtime LoRA, and a fake that forgets runtime adapters in its deep sleep."""
+    model = sleeper(name, level=2, idle_ttl=0.5)
+    model["vllm"]["lora"] = {"runtime": True, "max_rank": 8}
+    model["vllm"]["env"] = {"FAKE_VLLM_DEEP_SLEEP_DROPS_ADAPTERS": "1"}
     return model
 
 
@@ -43,6 +53,7 @@ def gateway(tmp_path: Path) -> Iterator[SleepGateway]:
             sleeper("two", level=2, idle_ttl=0.5),
             sleeper("paced", chunks=20, **{"gap-ms": 100}),
             sleeper("wakeless", idle_ttl=0.5, **{"fail-wake": True}),
+            deep_sleeper_with_adapters("deep"),
         ],
     )
     yield server
@@ -111,3 +122,16 @@ def test_vllm_dev_paths_are_never_relayed(gateway: SleepGateway, path: str) -> N
             method, f"{gateway.url}{path}", headers={"Authorization": f"Bearer {USER}"}
         )
         assert answer.status_code == 404, (method, path)
+
+
+def test_a_woken_server_gets_back_the_runtime_adapters_its_sleep_dropped(
+    gateway: SleepGateway,
+) -> None:
+    assert gateway.chat("deep").status_code == 200
+    adapters = f"{gateway.url}/admin/models/deep/adapters"
+    loaded = httpx.post(adapters, json={"name": "deep-tone", "path": "/t"}, headers=ADMIN_AUTH)
+    assert loaded.status_code == 200
+    wait_until(lambda: gateway.state("deep") == "asleep", 10, "deep asleep")
+    woken = gateway.chat("deep-tone")  # wakes the base model; the adapter must be back
+    assert woken.status_code == 200, woken.text
+    assert "deep-tone" in gateway.supervisor.backends["deep"].replica.adapters
