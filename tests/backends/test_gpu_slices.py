@@ -23,6 +23,8 @@ from backends.supervisor import Supervisor
 from tests.backends.test_supervisor import FAST, until
 from tests.servers import FAKE_VLLM, alive, descendants
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 LOAD_SECONDS = 0.5  # each fake server's start-up: long enough to see overlaps
 
 

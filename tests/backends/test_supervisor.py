@@ -21,6 +21,8 @@ from backends.supervisor import SpawnHealth, Supervisor, SupervisorTimings
 from tests.helpers import until
 from tests.servers import FAKE_VLLM, alive, descendants
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 FAST = SupervisorTimings(
     poll_interval=0.05,
     health=SpawnHealth(interval=0.1, timeout=0.3, failures=2),

@@ -6,9 +6,12 @@ import json
 import re
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.servers import ROOT, FakeBackend, running_gateway
+
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
 
 DASHBOARD = ROOT / "deploy" / "observability" / "grafana-dashboard.json"
 

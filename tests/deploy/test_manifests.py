@@ -23,6 +23,8 @@ from gateway.settings import load_settings, settings_from_dict
 from gateway.specs import backend_specs
 from tests.servers import ROOT
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 DEPLOY = ROOT / "deploy"
 SEED = "config/seed-8x80gb.yaml"
 K8S_VERSION = "1.32.0"

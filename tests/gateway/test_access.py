@@ -13,6 +13,8 @@ from gateway.app import create_app
 from gateway.settings import ConfigError, settings_from_dict
 from tests.servers import FakeBackend
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 KEYS = [
     {"name": "ops", "key": "sk-admin", "admin": True},
     {"name": "prometheus", "key": "sk-monitor", "monitor": True},

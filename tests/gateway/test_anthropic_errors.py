@@ -13,6 +13,8 @@ import pytest
 
 from tests.servers import GatewayServer, gateway_settings
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 KEYS = [
     {"name": "team", "key": "sk-team", "requests_per_minute": 1},
     {"name": "embed-only", "key": "sk-embed", "models": ["tiny-embed"]},

@@ -17,6 +17,8 @@ import pytest
 
 from tests.servers import FakeBackend, GatewayServer, gateway_settings
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 KEY = "sk-matrix"
 CHAT = "/v1/chat/completions"
 LIMIT = 64 * 1024

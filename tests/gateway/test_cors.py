@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.servers import FakeBackend, running_gateway
+
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
 
 PREFLIGHT = {
     "Origin": "https://app.example",

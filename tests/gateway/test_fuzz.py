@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 from gateway.routing import RELAYED_PATHS
 from tests.servers import FakeBackend, GatewayServer, gateway_settings
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 KEY = "sk-fuzz"
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1000"))
 

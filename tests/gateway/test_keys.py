@@ -21,6 +21,8 @@ from gateway.settings import ConfigError, settings_from_dict
 from tests.helpers import bearer, wait_until
 from tests.servers import FakeBackend, GatewayProcess, running_gateway
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 CHAT = {"name": "tiny-chat", "aliases": ["chat"], "url": "http://127.0.0.1:9"}
 EMBED = {"name": "tiny-embed", "url": "http://127.0.0.1:9"}
 

@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.helpers import wait_until
 from tests.servers import FakeBackend, GatewayProcess
+
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
 
 
 def test_json_access_log_has_one_line_per_request(tmp_path: Path, fake: FakeBackend) -> None:

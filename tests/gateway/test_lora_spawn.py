@@ -22,6 +22,8 @@ from gateway.specs import backend_specs
 from tests.helpers import FAST_SPAWN, wait_until
 from tests.servers import FAKE_VLLM, FakeBackend, GatewayServer, gateway_settings
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 KEYS = [
     {"name": "ops", "key": "sk-admin", "admin": True},
     {"name": "app", "key": "sk-app"},

@@ -14,6 +14,8 @@ from gateway.record import RequestRecord
 from tests.helpers import bearer
 from tests.servers import FakeBackend, GatewayServer, gateway_settings
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 KEYS = [{"name": "team-a", "key": "sk-a"}, {"name": "ops", "key": "sk-ops", "monitor": True}]
 
 

@@ -22,6 +22,8 @@ from gateway.specs import backend_specs, on_demand_names
 from tests.helpers import FAST_SPAWN
 from tests.servers import FAKE_VLLM, GatewayProcess, GatewayServer, alive, gateway_settings
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 ADMIN, USER = "sk-admin", "sk-user"
 ONLY_B = "sk-only-b"
 KEYS = [{"name": "ops", "key": ADMIN, "admin": True}, {"name": "app", "key": USER}]

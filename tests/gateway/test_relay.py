@@ -16,6 +16,8 @@ import pytest
 from tests.helpers import wait_until
 from tests.servers import FakeBackend, GatewayServer, gateway_settings
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 KEY = {"Authorization": "Bearer sk-client"}
 
 

@@ -10,9 +10,12 @@ import threading
 from collections import Counter
 
 import httpx
+import pytest
 
 from tests.helpers import wait_until
 from tests.servers import FakeBackend, running_gateway
+
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
 
 FAST_HEALTH = {"interval": 0.2, "unhealthy_threshold": 1, "healthy_threshold": 2}
 

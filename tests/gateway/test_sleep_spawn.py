@@ -16,6 +16,8 @@ from tests.gateway.test_on_demand_spawn import ADMIN, USER, OnDemandGateway, on_
 from tests.helpers import wait_until
 from tests.servers import alive
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 

@@ -24,6 +24,8 @@ from tests.servers import (
     wait_until,
 )
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 
 def spawn_model(name: str, **args: object) -> dict:
     return {"name": name, "vllm": {"model": "fake", "args": args}}

@@ -15,6 +15,8 @@ from gateway.specs import backend_specs
 from tests.helpers import FAST_SPAWN
 from tests.servers import FAKE_VLLM, ROOT, FakeBackend, GatewayServer, gateway_settings
 
+pytestmark = pytest.mark.servers  # starts processes or servers on loopback
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
