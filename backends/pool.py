@@ -51,6 +51,7 @@ class VllmLoad:
 class Replica:
     url: str
     api_key: str | None = None
+    uds: str | None = None  # the unix socket it listens on instead of a TCP port (spawn mode)
     state: BackendState = BackendState.READY
     in_flight: int = 0
     ejection: Ejection = field(default_factory=Ejection)

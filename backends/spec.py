@@ -21,6 +21,7 @@ class VllmSpec:
     args: Mapping[str, Any] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     replica: int | None = None  # this server's index among the model's replicas, if several
+    unix_socket: bool = False  # listen on a unix socket (vLLM's --uds), not on a TCP port
 
     @property
     def label(self) -> str:
@@ -39,13 +40,17 @@ class VllmSpec:
         """vLLM's fraction of each GPU it may take (its own default is 0.9)."""
         return float(self.args.get("gpu-memory-utilization", 0.9))
 
-    def command(self, port: int, api_key: str | None, host: str = "127.0.0.1") -> list[str]:
+    def command(
+        self, port: int, api_key: str | None, host: str = "127.0.0.1", uds: str | None = None
+    ) -> list[str]:
+        """``uds``: the unix socket to listen on, instead of ``host`` and ``port``."""
         launcher = list(self.launcher)
         if launcher[-1] == "serve":  # `vllm serve MODEL` takes the model positionally
             cmd = [*launcher, self.model]
         else:
             cmd = [*launcher, "--model", self.model]
-        cmd += ["--served-model-name", self.name, "--host", host, "--port", str(port)]
+        cmd += ["--served-model-name", self.name]
+        cmd += ["--uds", uds] if uds else ["--host", host, "--port", str(port)]
         if api_key:
             cmd += ["--api-key", api_key]
         args = dict(self.args)

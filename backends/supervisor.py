@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ import httpx
 from backends import adapters, kv_cache, sleep_mode, start_checks
 from backends.gpu_turns import GpuTurns
 from backends.health import is_healthy, served
+from backends.http import client_for
 from backends.lifecycle import BackendState
 from backends.on_demand import LoadFailed
 from backends.pool import Replica
@@ -69,6 +72,7 @@ class Backend:
     replica: Replica
     process: BackendProcess
     health: SpawnHealth
+    client: httpx.AsyncClient  # the gateway's own calls to it (TCP, or its unix socket)
     on_demand: bool = False
     task: asyncio.Task[None] | None = None
     became_ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -96,15 +100,25 @@ class Supervisor:
         self.adapters = adapter_book or adapters.AdapterBook()  # runtime LoRA, restored on start
         self.gpu_memory = gpu_memory
         self.backends: dict[str, Backend] = {}
-        for spec in specs:
+        self._sockets: Path | None = None  # a directory only this user may enter
+        for index, spec in enumerate(specs):
             replica = Replica(url="", state=BackendState.STOPPED, gpus=tuple(spec.gpus))
+            if spec.unix_socket:
+                replica.url, replica.uds = f"http://backend-{index}", str(self._socket(index))
             process = BackendProcess(spec.label, Path(log_dir) / f"{spec.label}.log")
             checks = (health or {}).get(spec.name, self.timings.health)
+            client = client_for(replica, httpx.Timeout(HTTP_TIMEOUT))
             self.backends[spec.label] = Backend(
-                spec, replica, process, checks, on_demand=spec.name in on_demand
+                spec, replica, process, checks, client, on_demand=spec.name in on_demand
             )
-        self._client: httpx.AsyncClient | None = None
         self._progress: asyncio.Task[None] | None = None
+
+    def _socket(self, index: int) -> Path:
+        """A socket path in a directory made for this gateway, mode 0700: vLLM's dev endpoints
+        (sleep mode) take no key, so nobody else may reach the server at all."""
+        if self._sockets is None:
+            self._sockets = Path(tempfile.mkdtemp(prefix="vllm-gateway-"))
+        return self._sockets / f"{index}.sock"
 
     def replicas(self, name: str) -> list[Replica]:
         return [b.replica for b in self.backends.values() if b.spec.name == name]
@@ -112,7 +126,6 @@ class Supervisor:
     async def start(self) -> None:
         if not self.backends:
             return
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(HTTP_TIMEOUT))
         for backend in self.backends.values():
             if not backend.on_demand:
                 self._launch(backend)
@@ -167,7 +180,6 @@ class Supervisor:
     async def sleep(self, name: str, level: int) -> None:
         """Put the model's drained servers to sleep (``backends.sleep_mode``); SleepModeError
         if one does not fall asleep (its owner then stops it)."""
-        assert self._client is not None
         for backend in self._of(name):
             replica = backend.replica
             if replica.state is not BackendState.DRAINING:
@@ -175,7 +187,7 @@ class Supervisor:
             replica.move(BackendState.SLEEPING)
             began = time.monotonic()
             await sleep_mode.put_to_sleep(
-                self._client, replica.url, level, self.timings.sleep_timeout
+                backend.client, replica.url, level, self.timings.sleep_timeout
             )
             replica.move(BackendState.ASLEEP)
             backend.became_ready.clear()
@@ -189,7 +201,6 @@ class Supervisor:
     async def wake(self, name: str, level: int) -> None:
         """Wake the model's sleeping servers, each in its GPU turn (a wake allocates the KV
         cache again, as a start does). SleepModeError if one does not wake."""
-        assert self._client is not None
         for backend in self._of(name):
             spec, replica = backend.spec, backend.replica
             if replica.state is not BackendState.ASLEEP:
@@ -198,13 +209,13 @@ class Supervisor:
             async with self.turns.turn(spec.label, spec.gpus):
                 began = time.monotonic()
                 await sleep_mode.wake_up(
-                    self._client, replica.url, level, self.timings.sleep_timeout
+                    backend.client, replica.url, level, self.timings.sleep_timeout
                 )
             # Still not admitted: what it serves now, and any runtime adapter it lost asleep.
-            found = await served(self._client, replica.url, spec.name, replica.api_key)
+            found = await served(backend.client, replica.url, spec.name, replica.api_key)
             replica.adapters = found if found is not None else replica.adapters
             if wanted := self.adapters.of(spec.name):
-                await adapters.restore(self._client, replica, wanted)
+                await adapters.restore(backend.client, replica, wanted)
             replica.move(BackendState.READY)
             backend.became_ready.set()
             log.info("%s: awake after %.2fs", spec.label, time.monotonic() - began)
@@ -230,8 +241,9 @@ class Supervisor:
         )
         for backend in self.backends.values():
             backend.replica.move(BackendState.STOPPED)
-        if self._client is not None:
-            await self._client.aclose()
+        await asyncio.gather(*(b.client.aclose() for b in self.backends.values()))
+        if self._sockets is not None:
+            shutil.rmtree(self._sockets, ignore_errors=True)
 
     async def _run(self, backend: Backend) -> None:
         failures_in_a_row = 0
@@ -280,8 +292,7 @@ class Supervisor:
         wanted = self.adapters.of(spec.name)
         if wanted:  # before admission: no request may reach it without the adapter it names
             replica.move(BackendState.RESTORING)
-            assert self._client is not None
-            await adapters.restore(self._client, replica, wanted)
+            await adapters.restore(backend.client, replica, wanted)
         replica.move(BackendState.READY)
         backend.became_ready.set()
         assert replica.ready_since is not None
@@ -289,8 +300,8 @@ class Supervisor:
         log.info(
             "%s: ready after %.0fs", spec.label, replica.ready_since - backend.process.started_at
         )
-        if kv_cache.generative(spec) and self._client is not None:
-            await start_checks.check_kv_cache(self._client, spec, replica, self.gpu_memory)
+        if kv_cache.generative(spec):
+            await start_checks.check_kv_cache(backend.client, spec, replica, self.gpu_memory)
         await self._watch(backend)
         return True
 
@@ -305,16 +316,20 @@ class Supervisor:
         async with self.turns.turn(spec.label, spec.gpus):
             replica.move(starting)
             # "sk-" first: a key starting with "-" would read as a flag to the server's argparse.
-            port, key = free_port(), "sk-" + secrets.token_urlsafe(24)
-            replica.url, replica.api_key = f"http://127.0.0.1:{port}", key
-            await process.start(
-                spec.command(port, key), spec.environment(), self.timings.stop_grace
-            )
-            log.info("%s: starting on port %d (pid %s)", spec.label, port, process.pid)
+            key = "sk-" + secrets.token_urlsafe(24)
+            replica.api_key = key
+            if replica.uds is not None:
+                Path(replica.uds).unlink(missing_ok=True)  # a dead server's socket file
+                command, where = spec.command(0, key, uds=replica.uds), replica.uds
+            else:
+                port = free_port()
+                replica.url = f"http://127.0.0.1:{port}"
+                command, where = spec.command(port, key), f"port {port}"
+            await process.start(command, spec.environment(), self.timings.stop_grace)
+            log.info("%s: starting on %s (pid %s)", spec.label, where, process.pid)
             return await self._wait_ready(backend)
 
     async def _wait_ready(self, backend: Backend) -> bool:
-        assert self._client is not None
         spec, replica, process = backend.spec, backend.replica, backend.process
         deadline = time.monotonic() + self.timings.startup_timeout
         while time.monotonic() < deadline:
@@ -331,7 +346,7 @@ class Supervisor:
                     "\n  ".join(lines),
                 )
                 return False
-            found = await served(self._client, replica.url, spec.name, replica.api_key)
+            found = await served(backend.client, replica.url, spec.name, replica.api_key)
             if found is not None:
                 replica.adapters = found
                 return True
@@ -342,7 +357,6 @@ class Supervisor:
 
     async def _watch(self, backend: Backend) -> None:
         """Return when the process died or failed its health check too often in a row."""
-        assert self._client is not None
         spec, replica, process = backend.spec, backend.replica, backend.process
         failures = 0
         exited = asyncio.ensure_future(process.wait())
@@ -364,7 +378,7 @@ class Supervisor:
                 began = time.monotonic()
                 try:
                     async with asyncio.timeout(checks.timeout):
-                        healthy = await is_healthy(self._client, replica.url)
+                        healthy = await is_healthy(backend.client, replica.url)
                 except TimeoutError:
                     healthy = False
                 replica.health_latency = time.monotonic() - began

@@ -13,6 +13,7 @@ import re
 
 import httpx
 
+from backends.http import client_for
 from backends.pool import Replica, VllmLoad
 
 _SAMPLE = re.compile(
@@ -51,10 +52,13 @@ class LoadScraper:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        async with httpx.AsyncClient(timeout=self.interval) as client:
+        clients = {id(r): client_for(r, self.interval) for r in self.replicas}
+        try:
             while True:
-                await asyncio.gather(*(self._scrape(client, r) for r in self.replicas))
+                await asyncio.gather(*(self._scrape(clients[id(r)], r) for r in self.replicas))
                 await asyncio.sleep(self.interval)
+        finally:
+            await asyncio.gather(*(c.aclose() for c in clients.values()))
 
     async def _scrape(self, client: httpx.AsyncClient, replica: Replica) -> None:
         if not replica.url:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httpx
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from backends import adapters
 from backends.adapters import AdapterBook, AdapterError
+from backends.http import client_for
 from backends.lifecycle import BackendState
 from backends.pool import Replica, ReplicaPool
 from gateway.admin import action
@@ -64,10 +64,9 @@ def add_adapter_routes(
             raise ModelNotFound(f"Model {pool.name!r} has no adapter {name!r}.", param="name")
         async with action(telemetry, request, "unload_adapter", f"{pool.name}/{name}") as outcome:
             book.remove(pool.name, name)  # first: a replica restarting now must not get it back
-            async with httpx.AsyncClient() as client:
-                results = await asyncio.gather(
-                    *(adapters.unload(client, r, name) for r in holders), return_exceptions=True
-                )
+            results = await asyncio.gather(
+                *(_on(r, adapters.unload, name) for r in holders), return_exceptions=True
+            )
             failed = [r for r in results if isinstance(r, AdapterError)]
             if failed:
                 raise BadGateway(_failures("unloading", name, failed))
@@ -75,18 +74,21 @@ def add_adapter_routes(
         return _json({"name": name, "parent": pool.name, "replicas": len(holders)})
 
 
+async def _on(replica: Replica, call: Any, *args: str) -> None:
+    """One adapter call on one replica, through a client that reaches it (TCP or its socket)."""
+    async with client_for(replica, adapters.CALL_TIMEOUT) as client:
+        await call(client, replica, *args)
+
+
 async def _load_everywhere(replicas: list[Replica], name: str, path: str) -> None:
-    async with httpx.AsyncClient() as client:
-        results = await asyncio.gather(
-            *(adapters.load(client, r, name, path) for r in replicas), return_exceptions=True
-        )
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if not failed:
-            return
-        loaded = [rep for rep, res in zip(replicas, results, strict=True) if res is None]
-        await asyncio.gather(
-            *(adapters.unload(client, r, name) for r in loaded), return_exceptions=True
-        )
+    results = await asyncio.gather(
+        *(_on(r, adapters.load, name, path) for r in replicas), return_exceptions=True
+    )
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if not failed:
+        return
+    loaded = [rep for rep, res in zip(replicas, results, strict=True) if res is None]
+    await asyncio.gather(*(_on(r, adapters.unload, name) for r in loaded), return_exceptions=True)
     errors = [e for e in failed if isinstance(e, AdapterError)]
     if len(errors) != len(failed):
         raise failed[0]

@@ -70,7 +70,7 @@ class ModelCatalog:
         if replica is None:
             return
         headers = {"Authorization": f"Bearer {replica.api_key}"} if replica.api_key else {}
-        session = self.clients.session(replica.url)
+        session = self.clients.session(replica.url, replica.uds)
         try:
             with upstream_errors(pool.name):
                 async with session.get(

@@ -130,7 +130,7 @@ async def _backend_metrics(parts: ControlParts, model: str, index: int) -> Respo
             f"Replica {index} of model {model!r} does not answer.",
             retry_after=waits.RETRY_UNREACHABLE,
         )
-    session = parts.clients.session(replica.url)
+    session = parts.clients.session(replica.url, replica.uds)
     with upstream_errors(model):
         async with session.get(
             replica.url + "/metrics", timeout=BACKEND_METRICS_TIMEOUT

@@ -46,6 +46,11 @@ class VllmSpawn(Strict):
     args: dict[str, ArgValue] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     lora: LoraSettings | None = None
+    listen: Literal["tcp", "unix"] | None = Field(
+        None,
+        description="unix: a socket only the gateway's user may open (the default with "
+        "`on_demand.unload: sleep`, whose dev endpoints take no key); tcp: a loopback port",
+    )
 
     @field_validator("gpus")
     @classmethod

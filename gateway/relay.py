@@ -229,7 +229,7 @@ class Relay:
         while True:
             replica = _pick(job.pool, tried, job.affinity, job.adapter)
             headers = upstream_headers(scope["headers"], replica.api_key, record.request_id)
-            session = self.clients.session(replica.url)
+            session = self.clients.session(replica.url, replica.uds)
             lease = replica.lease(job.pool)
             try:
                 url = self.clients.url(replica.url, scope["path"], scope["query_string"])

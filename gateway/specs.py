@@ -34,6 +34,8 @@ def backend_specs(settings: GatewaySettings) -> list[VllmSpec]:
                 args["lora-modules"] = [f"{name}={path}" for name, path in lora.adapters.items()]
             if lora.runtime:
                 env.update(RUNTIME_ENV)
+        sleeps = model.on_demand is not None and model.on_demand.unload == "sleep"
+        listen = model.vllm.listen or ("unix" if sleeps else "tcp")
         for index, gpus in enumerate(groups):
             specs.append(
                 VllmSpec(
@@ -44,6 +46,7 @@ def backend_specs(settings: GatewaySettings) -> list[VllmSpec]:
                     args=args,
                     env=env,
                     replica=index if len(groups) > 1 else None,
+                    unix_socket=listen == "unix",
                 )
             )
     return specs

@@ -37,7 +37,7 @@ class StatusReport:
             replicas = [
                 {
                     "index": i,
-                    "url": r.url or None,
+                    "url": f"unix:{r.uds}" if r.uds else (r.url or None),
                     "state": str(r.state),
                     "ejected": r.ejected_until > now,
                     "gpus": list(r.gpus),

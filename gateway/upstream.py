@@ -61,12 +61,19 @@ class UpstreamClients:
             url = self._urls[(base_url, path)] = yarl.URL(base_url + path)
         return url
 
-    def session(self, base_url: str) -> aiohttp.ClientSession:
+    def session(self, base_url: str, uds: str | None = None) -> aiohttp.ClientSession:
+        """The session of one backend; ``uds``: the unix socket it listens on, if it does."""
         session = self._sessions.get(base_url)
         if session is None:
-            connector = aiohttp.TCPConnector(
-                limit=0, keepalive_timeout=waits.UPSTREAM_KEEPALIVE, ttl_dns_cache=300
-            )
+            connector: aiohttp.BaseConnector
+            if uds is not None:
+                connector = aiohttp.UnixConnector(
+                    path=uds, limit=0, keepalive_timeout=waits.UPSTREAM_KEEPALIVE
+                )
+            else:
+                connector = aiohttp.TCPConnector(
+                    limit=0, keepalive_timeout=waits.UPSTREAM_KEEPALIVE, ttl_dns_cache=300
+                )
             session = aiohttp.ClientSession(
                 base_url=None,
                 connector=connector,

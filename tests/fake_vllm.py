@@ -402,6 +402,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Options]:
     parser.add_argument("--served-model-name", nargs="+")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9001)
+    parser.add_argument("--uds", help="listen on this unix socket instead")
     parser.add_argument("--api-key")
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--gap-ms", type=float, default=0.0)
@@ -431,11 +432,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Options]:
     return args, options
 
 
-async def serve(host: str, port: int, options: Options) -> None:
+async def serve(host: str, port: int, options: Options, uds: str | None = None) -> None:
     if options.startup_delay:
         await asyncio.sleep(options.startup_delay)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: FakeVllmProtocol(options), host, port, backlog=4096)
+    server: asyncio.AbstractServer
+    if uds:  # as vLLM's --uds: host and port are ignored
+        server = await loop.create_unix_server(lambda: FakeVllmProtocol(options), uds)
+    else:
+        server = await loop.create_server(
+            lambda: FakeVllmProtocol(options), host, port, backlog=4096
+        )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -456,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(int(os.environ["FAKE_VLLM_EXIT_AT_START"]))
     if args.engine_core:  # vLLM's engine core: same process group, no death signal
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
-    asyncio.run(serve(args.host, args.port, options))
+    asyncio.run(serve(args.host, args.port, options, args.uds))
 
 
 if __name__ == "__main__":

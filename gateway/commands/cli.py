@@ -166,7 +166,8 @@ def plan(args: argparse.Namespace) -> int:
                 print(prefix)
             if env := spec.environment({}):
                 print("  env: " + " ".join(f"{k}={v}" for k, v in env.items()))
-            cmd = shell_line(spec.command(port=0, api_key="<generated>"))
+            uds = "<socket in a private directory>" if spec.unix_socket else None
+            cmd = shell_line(spec.command(port=0, api_key="<generated>", uds=uds))
             print("  cmd: " + cmd.replace("--port 0", "--port <free>"))
             if kv_cache.generative(spec):
                 line, warning = kv_cache.plan(spec, memory)

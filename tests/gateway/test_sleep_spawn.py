@@ -14,7 +14,7 @@ import pytest
 
 from tests.gateway.test_on_demand_spawn import ADMIN, USER, OnDemandGateway, on_demand_model
 from tests.helpers import wait_until
-from tests.servers import alive
+from tests.servers import alive, descendants
 
 pytestmark = pytest.mark.servers  # starts processes or servers on loopback
 
@@ -37,8 +37,9 @@ def deep_sleeper_with_adapters(name: str) -> dict[str, Any]:
 
 class SleepGateway(OnDemandGateway):
     def stats(self, name: str) -> dict[str, int]:
-        url = self.supervisor.backends[name].replica.url
-        result: dict[str, int] = httpx.get(f"{url}/fake/stats").json()
+        replica = self.supervisor.backends[name].replica
+        with httpx.Client(transport=httpx.HTTPTransport(uds=replica.uds)) as client:
+            result: dict[str, int] = client.get(f"{replica.url}/fake/stats").json()
         return result
 
     def state(self, name: str) -> str:
@@ -137,3 +138,22 @@ def test_a_woken_server_gets_back_the_runtime_adapters_its_sleep_dropped(
     woken = gateway.chat("deep-tone")  # wakes the base model; the adapter must be back
     assert woken.status_code == 200, woken.text
     assert "deep-tone" in gateway.supervisor.backends["deep"].replica.adapters
+
+
+def test_a_sleep_mode_server_listens_only_on_a_socket_no_one_else_may_reach(
+    gateway: SleepGateway,
+) -> None:
+    """vLLM's dev endpoints take no key: the server has no TCP port at all, and its socket
+    lies in a directory only the gateway's user may enter."""
+    assert gateway.chat("one").status_code == 200
+    backend = gateway.supervisor.backends["one"]
+    socket_path = Path(backend.replica.uds or "")
+    assert socket_path.is_socket()
+    assert socket_path.parent.stat().st_mode & 0o777 == 0o700
+    pid = backend.process.pid
+    assert pid is not None
+    commands = [
+        Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0") for child in descendants(pid)
+    ]
+    server = next(c for c in commands if b"--served-model-name" in c)
+    assert b"--uds" in server and b"--port" not in server

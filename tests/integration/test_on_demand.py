@@ -2,8 +2,9 @@
 idle, loaded and unloaded by an admin, refused cleanly when they cannot start.
 
 Two tiny chat models on `gpus: [0]` with shares of 0.6 each cannot run together (vLLM's CPU
-build ignores the GPU flags, so the swap logic runs as it would on a GPU). Timing properties
-(a stream outliving the idle TTL) are shown against the paced fake in
+build ignores the GPU flags, so the swap logic runs as it would on a GPU). They listen on unix
+sockets (`listen: unix`, what sleep mode uses), so real vLLM is reached that way too. Timing
+properties (a stream outliving the idle TTL) are shown against the paced fake in
 tests/gateway/test_on_demand_spawn.py.
 """
 
@@ -36,6 +37,7 @@ def on_demand(name: str, model: str, gpus: list[int], core: int) -> dict[str, ob
         "vllm": {
             "model": model,
             "gpus": gpus,
+            "listen": "unix",  # as sleep mode would: real vLLM on a socket, not a port
             "args": {**CPU_ARGS, "max-model-len": 512, "gpu-memory-utilization": 0.6},
             "env": cpu_env(core),
         },
@@ -93,6 +95,9 @@ def test_eight_first_requests_get_200_from_one_start(gw: GatewayProcess) -> None
     assert reasons == ["length"] * 8
     assert metric(gw, 'vllm_gateway_model_loads_total{model="od-a"}') == 1
     assert serving(gw) == {"od-a"}
+    (server,) = vllm_servers(gw)
+    command = Path(f"/proc/{server}/cmdline").read_bytes().split(b"\0")
+    assert b"--uds" in command and b"--port" not in command  # reached through its socket
 
 
 def test_a_request_for_the_other_model_swaps_them_and_back(gw: GatewayProcess) -> None:
