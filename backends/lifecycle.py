@@ -76,6 +76,12 @@ TRANSITIONS: dict[BackendState, frozenset[BackendState]] = {
 ON_ITS_WAY = frozenset({S.WAITING, S.LOADING, S.RESTARTING, S.RESTORING})
 
 
+def backoff(failures: int, base: float, cap: float) -> float:
+    """Seconds before the next start after ``failures`` failed ones in a row: doubling from
+    ``base`` up to ``cap`` (restarts and on-demand starts alike)."""
+    return min(cap, base * 2.0 ** max(0, failures - 1))
+
+
 class InvalidTransition(RuntimeError):
     """A writer asked for a move the table does not allow: a bug in that writer."""
 

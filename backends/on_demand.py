@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from backends import lifecycle
 from backends.pool import Replica
 from backends.sleep_mode import SleepModeError
 
@@ -263,7 +264,7 @@ class OnDemandModel:
                 await self.servers.unload(self.name)
                 self._move(ModelState.STOPPED)
             self.failures += 1
-            backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self.failures - 1))
+            backoff = lifecycle.backoff(self.failures, BACKOFF_BASE, BACKOFF_CAP)
             self.not_before = time.monotonic() + backoff
             log.error("%s: start failed: %s", self.name, reason)
             raise StartFailed(

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from backends import adapters, kv_cache, sleep_mode, start_checks
+from backends import adapters, kv_cache, lifecycle, sleep_mode, start_checks
 from backends.gpu_turns import GpuTurns
 from backends.health import is_healthy, served
 from backends.http import client_for
@@ -272,9 +272,8 @@ class Supervisor:
                 return
             backend.replica.restarts += 1
             backend.replica.move(BackendState.RESTARTING)
-            delay = min(
-                self.timings.backoff_cap,
-                self.timings.backoff_base * 2 ** max(0, failures_in_a_row - 1),
+            delay = lifecycle.backoff(
+                failures_in_a_row, self.timings.backoff_base, self.timings.backoff_cap
             )
             log.warning(
                 "%s: restarting in %.0fs (restart %d)",

@@ -35,7 +35,7 @@ from gateway.telemetry import Telemetry
 def add_admin_routes(api: FastAPI, table: RouteTable, telemetry: Telemetry) -> None:
     @api.get("/admin/models")
     async def models() -> Response:
-        return _json({"object": "list", "data": [model_document(p) for p in table.pools]})
+        return json_response({"object": "list", "data": [model_document(p) for p in table.pools]})
 
     @api.post("/admin/models/{name:path}/load")
     async def load(name: str, request: Request) -> Response:
@@ -46,7 +46,7 @@ def add_admin_routes(api: FastAPI, table: RouteTable, telemetry: Telemetry) -> N
             except Unavailable as exc:
                 raise ModelNotStarted.because(exc) from None
             outcome["result"] = "ready"
-        return _json(model_document(table.resolve(name).pool))
+        return json_response(model_document(table.resolve(name).pool))
 
     @api.post("/admin/models/{name:path}/unload")
     async def unload(name: str, request: Request) -> Response:
@@ -55,7 +55,7 @@ def add_admin_routes(api: FastAPI, table: RouteTable, telemetry: Telemetry) -> N
             if model.state is not ModelState.STOPPED:
                 await model.unload("admin unload", stop=True)
             outcome["result"] = str(model.state)
-        return _json(model_document(table.resolve(name).pool))
+        return json_response(model_document(table.resolve(name).pool))
 
     @api.post("/admin/models/{name:path}/sleep")
     async def sleep(name: str, request: Request, level: int | None = None) -> Response:
@@ -70,7 +70,7 @@ def add_admin_routes(api: FastAPI, table: RouteTable, telemetry: Telemetry) -> N
         async with action(telemetry, request, "sleep", model.name) as outcome:
             await model.unload("admin sleep", level=level)
             outcome["result"] = str(model.state)
-        return _json(model_document(table.resolve(name).pool))
+        return json_response(model_document(table.resolve(name).pool))
 
     @api.post("/admin/models/{name:path}/wake")
     async def wake(name: str, request: Request) -> Response:
@@ -83,7 +83,7 @@ def add_admin_routes(api: FastAPI, table: RouteTable, telemetry: Telemetry) -> N
             except Unavailable as exc:
                 raise ModelNotStarted.because(exc) from None
             outcome["result"] = str(model.state)
-        return _json(model_document(table.resolve(name).pool))
+        return json_response(model_document(table.resolve(name).pool))
 
 
 def _on_demand(table: RouteTable, name: str) -> OnDemandModel:
@@ -112,5 +112,6 @@ async def action(
         )
 
 
-def _json(document: dict[str, Any]) -> Response:
+def json_response(document: Any) -> Response:
+    """A JSON document, as every endpoint of the control and admin APIs answers."""
     return Response(orjson.dumps(document), media_type="application/json")

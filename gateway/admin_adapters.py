@@ -25,7 +25,7 @@ from backends.adapters import AdapterBook, AdapterError
 from backends.http import client_for
 from backends.lifecycle import BackendState
 from backends.pool import Replica, ReplicaPool
-from gateway.admin import action
+from gateway.admin import action, json_response
 from gateway.errors import (
     AdapterNotFound,
     BackendUnavailable,
@@ -54,7 +54,9 @@ def add_adapter_routes(
             await _load_everywhere(replicas, name, path)
             book.add(pool.name, name, path)
             outcome["result"] = "loaded"
-        return _json({"name": name, "parent": pool.name, "path": path, "replicas": len(replicas)})
+        return json_response(
+            {"name": name, "parent": pool.name, "path": path, "replicas": len(replicas)}
+        )
 
     @api.delete("/admin/models/{base}/adapters/{name}")
     async def unload(base: str, name: str, request: Request) -> Response:
@@ -71,7 +73,7 @@ def add_adapter_routes(
             if failed:
                 raise BadGateway(_failures("unloading", name, failed))
             outcome["result"] = "unloaded"
-        return _json({"name": name, "parent": pool.name, "replicas": len(holders)})
+        return json_response({"name": name, "parent": pool.name, "replicas": len(holders)})
 
 
 async def _on(replica: Replica, call: Any, *args: str) -> None:
@@ -124,7 +126,3 @@ def _load_request(body: bytes) -> tuple[str, str]:
     if not isinstance(path, str) or not path:
         raise InvalidRequest("`path` must be a non-empty string.", param="path")
     return name, path
-
-
-def _json(document: dict[str, Any]) -> Response:
-    return Response(orjson.dumps(document), media_type="application/json")

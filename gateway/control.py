@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from importlib import resources
 
 import aiohttp
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
@@ -24,7 +23,7 @@ from starlette.exceptions import HTTPException
 
 from backends.adapters import AdapterBook
 from gateway import waits
-from gateway.admin import add_admin_routes
+from gateway.admin import add_admin_routes, json_response
 from gateway.admin_adapters import add_adapter_routes
 from gateway.catalog import ModelCatalog
 from gateway.errors import (
@@ -67,13 +66,13 @@ def control_api(parts: ControlParts) -> FastAPI:
     async def models(request: Request) -> Response:
         key: ApiKey | None = request.scope.get(SCOPE_KEY)
         listing = await parts.catalog.listing(key.models if key is not None else None)
-        return Response(orjson.dumps(listing), media_type="application/json")
+        return json_response(listing)
 
     @api.get("/v1/models/{name:path}")
     async def model(name: str, request: Request) -> Response:
         key: ApiKey | None = request.scope.get(SCOPE_KEY)
         card = await parts.catalog.card(name, key.models if key is not None else None)
-        return Response(orjson.dumps(card), media_type="application/json")
+        return json_response(card)
 
     @api.get("/metrics")
     async def metrics() -> Response:
@@ -90,7 +89,7 @@ def control_api(parts: ControlParts) -> FastAPI:
 
     @api.get("/status.json")
     async def status_json() -> Response:
-        return Response(orjson.dumps(parts.status.document()), media_type="application/json")
+        return json_response(parts.status.document())
 
     add_admin_routes(api, parts.catalog.table, parts.telemetry)
     add_adapter_routes(api, parts.catalog.table, parts.telemetry, parts.adapters)
