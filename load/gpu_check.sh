@@ -130,6 +130,11 @@ YAML
   grep -E "asleep|awake|woke|loaded|wake failed|did not fall|start failed|restart" \
     "$STATE/gateway.log" > "$res/sleep-gateway-lines.txt" || true
   grep -ciE "cuda error|traceback|exception" "$STATE"/logs/sleep-*.log > "$res/sleep-backend-errors.txt" || true
+  # How the backends listen (a unix socket in a 0700 directory by default with sleep mode):
+  { ps -eo args | grep -E "api_server.*--(uds|port)" | grep -v grep | grep -oE -- "--(uds|port) [^ ]+" | sort -u
+    python3 load/gpu_steps.py listeners
+    ls -ld "$(dirname "$(ps -eo args | grep -oE -- "--uds [^ ]+" | head -1 | cut -d' ' -f2)")"
+  } > "$res/sleep-listeners.txt" 2>&1 || true
   stop_gateway
   cp "$doc" "$res/" 2>/dev/null || true
   python3 load/gpu_sleep.py report "$doc" > "$res/sleep-level${SLEEP_LEVEL:-2}.md" || true

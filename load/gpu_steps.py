@@ -238,12 +238,35 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def listeners() -> dict[str, Any]:
+    """Every listening TCP port and which process holds it (the device image has no `ss`)."""
+    inodes: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN
+                inodes[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
+    held: list[dict[str, Any]] = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            links = [os.readlink(fd) for fd in fd_dir.iterdir()]
+            args = (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        except OSError:
+            continue
+        for link in links:
+            inode = link.removeprefix("socket:[").removesuffix("]")
+            if link.startswith("socket:[") and inode in inodes:
+                held.append({"port": inodes[inode], "pid": int(fd_dir.parent.name), "args": args})
+    return {"tcp_listeners": sorted(held, key=lambda h: h["port"])}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("wait-ready").add_argument("--timeout", type=float, default=600)
     sub.add_parser("wait-up").add_argument("--timeout", type=float, default=60)
     sub.add_parser("kv").add_argument("label")
+    sub.add_parser("listeners")
     crash_p = sub.add_parser("crash")
     crash_p.add_argument("name")
     crash_p.add_argument("other")
@@ -259,6 +282,8 @@ def main() -> int:
         doc = wait_up(args.timeout)
     elif args.cmd == "kv":
         doc = kv(args.label)
+    elif args.cmd == "listeners":
+        doc = listeners()
     elif args.cmd == "crash":
         doc = crash(args.name, args.other)
     else:
