@@ -25,6 +25,7 @@ from backends.adapters import AdapterBook, AdapterError
 from backends.http import client_for
 from backends.lifecycle import BackendState
 from backends.pool import Replica, ReplicaPool
+from gateway import waits
 from gateway.admin import action, json_response
 from gateway.errors import (
     AdapterNotFound,
@@ -49,7 +50,9 @@ def add_adapter_routes(
             raise Conflict(f"{name!r} is already a model or adapter name on this gateway.")
         replicas = [r for r in pool.replicas if r.state is BackendState.READY]
         if not replicas:
-            raise BackendUnavailable(f"No replica of {pool.name!r} is ready.", retry_after=10)
+            raise BackendUnavailable(
+                f"No replica of {pool.name!r} is ready.", retry_after=waits.RETRY_LOADING
+            )
         async with action(telemetry, request, "load_adapter", f"{pool.name}/{name}") as outcome:
             await _load_everywhere(replicas, name, path)
             book.add(pool.name, name, path)

@@ -75,6 +75,8 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             first_byte_timeout=settings.timeouts.first_byte,
             idle_timeout=settings.timeouts.idle,
             usage_for_all_streams=settings.stream_usage == "always",
+            retry_loading=settings.retry_after.loading,
+            retry_no_replica=settings.retry_after.no_replica,
         ),
         telemetry,
     )

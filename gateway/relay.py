@@ -52,6 +52,8 @@ class RelayLimits:
     first_byte_timeout: float
     idle_timeout: float
     usage_for_all_streams: bool = False  # settings.stream_usage == "always"
+    retry_loading: int = waits.RETRY_LOADING  # settings.retry_after
+    retry_no_replica: int = waits.RETRY_NO_REPLICA
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +196,7 @@ class Relay:
             elif guard.reason is Reason.SHUTDOWN:
                 raise ModelNotStarted(
                     f"The gateway is shutting down before model {job.pool.name!r} started.",
-                    retry_after=waits.RETRY_LOADING,
+                    retry_after=self.limits.retry_loading,
                 ) from None
             else:
                 record.error = "client_gone"
@@ -227,7 +229,7 @@ class Relay:
         """
         tried: list[Replica] = []
         while True:
-            replica = _pick(job.pool, tried, job.affinity, job.adapter)
+            replica = _pick(job.pool, tried, job.affinity, job.adapter, self.limits)
             headers = upstream_headers(scope["headers"], replica.api_key, record.request_id)
             session = self.clients.session(replica.url, replica.uds)
             lease = replica.lease(job.pool)
@@ -309,7 +311,11 @@ def _affinity(pool: ReplicaPool, doc: dict[str, Any], scope: Scope) -> str | Non
 
 
 def _pick(
-    pool: ReplicaPool, tried: list[Replica], affinity: str | None, adapter: str | None
+    pool: ReplicaPool,
+    tried: list[Replica],
+    affinity: str | None,
+    adapter: str | None,
+    limits: RelayLimits,
 ) -> Replica:
     replica = pool.pick(exclude=tried, affinity=affinity, adapter=adapter)
     if replica is not None:
@@ -317,8 +323,8 @@ def _pick(
     if pool.loading:
         raise BackendLoading(
             f"Model {pool.name!r} is loading; retry in a few seconds.",
-            retry_after=waits.RETRY_LOADING,
+            retry_after=limits.retry_loading,
         )
     raise BackendUnavailable(
-        f"No backend of model {pool.name!r} is available.", retry_after=waits.RETRY_NO_REPLICA
+        f"No backend of model {pool.name!r} is available.", retry_after=limits.retry_no_replica
     )

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
+from gateway import waits
 from gateway.model_settings import ModelSettings, Strict
 
 API_KEYS_ENV = "VLLM_GATEWAY_API_KEYS"
@@ -30,6 +31,17 @@ class Timeouts(Strict):
     idle: float = Field(300.0, gt=0, description="longest gap between two chunks of a stream")
     client: float = Field(
         60.0, gt=0, description="time a client has to send its whole request, head and body"
+    )
+
+
+class RetryAfter(Strict):
+    """Seconds a client is told to wait (Retry-After) when its model cannot serve it yet."""
+
+    loading: int = Field(
+        waits.RETRY_LOADING, ge=1, description="its server is starting, restarting or waking"
+    )
+    no_replica: int = Field(
+        waits.RETRY_NO_REPLICA, ge=1, description="no replica is ready and none is on its way"
     )
 
 
@@ -88,6 +100,7 @@ class GatewaySettings(Strict):
     )
     models: list[ModelSettings] = Field(min_length=1)
     timeouts: Timeouts = Field(default_factory=lambda: Timeouts())
+    retry_after: RetryAfter = Field(default_factory=lambda: RetryAfter())
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
     max_header_bytes: int = Field(64 * 1024, ge=1024)
     cors: CorsSettings | None = None

@@ -194,6 +194,7 @@ def _gateway_config(settings: GatewaySettings) -> dict[str, Any]:
         mode="json",
         include={
             "timeouts",
+            "retry_after",
             "max_body_bytes",
             "max_header_bytes",
             "cors",

@@ -1,7 +1,12 @@
 """Gateway errors render as OpenAI's error object, with the status fixed by the class."""
 
-import orjson
+from typing import Any
 
+import httpx
+import orjson
+import pytest
+
+from gateway.app import create_app
 from gateway.errors import (
     AuthenticationFailed,
     BackendLoading,
@@ -9,6 +14,7 @@ from gateway.errors import (
     ModelNotFound,
     sse_error_event,
 )
+from gateway.settings import ConfigError, settings_from_dict
 
 
 def test_error_body_is_openai_shaped() -> None:
@@ -40,3 +46,20 @@ def test_a_broken_stream_ends_with_an_error_event_then_done() -> None:
     events = tail.decode().split("\n\n")
     assert orjson.loads(events[0].removeprefix("data: "))["error"]["code"] == "upstream_timeout"
     assert events[1] == "data: [DONE]"
+
+
+async def test_an_operator_sets_how_long_clients_are_told_to_wait() -> None:
+    """`retry_after.no_replica`: a spawned model whose server is not running (no lifespan ran)."""
+    settings: dict[str, Any] = {"models": [{"name": "m", "vllm": {"model": "/models/m"}}]}
+    settings["retry_after"] = {"no_replica": 42, "loading": 7}
+    app = create_app(settings_from_dict(settings, env={}))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        answer = await client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "42"
+
+
+def test_a_retry_after_below_one_second_is_refused() -> None:
+    with pytest.raises(ConfigError, match="retry_after"):
+        models = [{"name": "m", "url": "http://x"}]
+        settings_from_dict({"models": models, "retry_after": {"loading": 0}}, env={})
