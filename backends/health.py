@@ -18,6 +18,7 @@ from backends.lifecycle import BackendState
 from backends.pool import Replica
 
 log = logging.getLogger("vllm_gateway.health")
+ADMITTABLE = frozenset({BackendState.UNHEALTHY, BackendState.JOINING})  # after passed checks
 
 
 async def is_ready(client: httpx.AsyncClient, url: str, name: str, api_key: str | None) -> bool:
@@ -78,22 +79,32 @@ class HealthChecker:
         again."""
         self.replicas = replicas
         self.adapters = adapter_book or AdapterBook()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[Replica, asyncio.Task[None]] = {}
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
-        if not self.replicas:
-            return
         self._client = httpx.AsyncClient()
-        self._tasks = [
-            asyncio.create_task(self._watch(name, replica, policy), name=f"health:{replica.url}")
-            for name, replica, policy in self.replicas
-        ]
+        for name, replica, policy in self.replicas:
+            self.watch(name, replica, policy)
+
+    def watch(self, name: str, replica: Replica, policy: HealthPolicy) -> None:
+        """Check ``replica`` from now on (a discovered pod that joined, or one from the config)."""
+        self._tasks[replica] = asyncio.create_task(
+            self._watch(name, replica, policy), name=f"health:{replica.url}"
+        )
+
+    def forget(self, replica: Replica) -> None:
+        """Stop checking ``replica``: from here on its state is its discovery's to change."""
+        task = self._tasks.pop(replica, None)
+        if task is not None:
+            task.cancel()
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
         if self._client is not None:
             await self._client.aclose()
 
@@ -116,11 +127,11 @@ class HealthChecker:
             if replica.state is BackendState.READY and failed >= policy.unhealthy_threshold:
                 replica.move(BackendState.UNHEALTHY)
                 log.warning("%s at %s: unhealthy after %d failed checks", name, replica.url, failed)
-            elif replica.state is not BackendState.READY and passed >= policy.healthy_threshold:
+            elif replica.state in ADMITTABLE and passed >= policy.healthy_threshold:
                 if wanted := self.adapters.of(name):
                     replica.move(BackendState.RESTORING)
                     await restore(self._client, replica, wanted)
                 replica.move(BackendState.READY)
                 replica.note_success()
-                log.info("%s at %s: healthy again, admitted", name, replica.url)
+                log.info("%s at %s: ready, admitted", name, replica.url)
             await asyncio.sleep(policy.interval)

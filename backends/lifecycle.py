@@ -25,6 +25,11 @@ to handle). The README draws the same machine; ``vllm_gateway_backend_state`` an
     waking      -> ready          /wake_up (level 2: weights, reload, KV cache) and not sleeping
     sleeping, asleep, waking -> restarting   it died, failed its checks, or could not wake
     unhealthy   -> ready          connect: passed `healthy_threshold` checks in a row
+    joining     -> ready / restoring   discovered: passed its readiness checks (health, model
+                                  list), restoring first when it has runtime adapters to load
+    joining, ready, unhealthy, restoring -> leaving
+                                  discovered: its address left the DNS answer; no new requests
+    leaving     -> stopped        its in-flight requests ended; it is removed from the pool
     restarting  -> waiting / ready (its new server is ready) / restoring / failed (too many
                    failed starts)
     failed      the supervisor gave up; only a gateway restart brings it back
@@ -33,8 +38,8 @@ to handle). The README draws the same machine; ``vllm_gateway_backend_state`` an
 An on-demand model (``backends.on_demand``) starts in ``stopped`` and returns there when it is
 unloaded; its replicas take the same path as an always-on model's in between.
 
-States planned for the features that come next (not entered by any code yet): ``joining`` and
-``leaving`` (discovered pods).
+A discovered replica (``backends.discovery``) starts in ``joining`` and ends in ``stopped``
+after ``leaving``; the health checker is its one writer until it leaves, the discovery after.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class BackendState(StrEnum):
     ASLEEP = "asleep"  # weights offloaded or dropped, KV cache freed; the process lives
     WAKING = "waking"
     RESTORING = "restoring"  # ready, loading its runtime LoRA adapters before it is admitted
+    JOINING = "joining"  # discovered: found in DNS, not yet admitted
+    LEAVING = "leaving"  # discovered: gone from DNS, its in-flight requests finish
     FAILED = "failed"
 
 
@@ -62,18 +69,20 @@ TRANSITIONS: dict[BackendState, frozenset[BackendState]] = {
     S.STOPPED: frozenset({S.WAITING, S.LOADING}),
     S.WAITING: frozenset({S.LOADING, S.RESTARTING}),
     S.LOADING: frozenset({S.READY, S.RESTORING, S.RESTARTING, S.FAILED}),
-    S.RESTORING: frozenset({S.READY, S.RESTARTING}),
-    S.READY: frozenset({S.RESTARTING, S.UNHEALTHY, S.DRAINING}),
+    S.RESTORING: frozenset({S.READY, S.RESTARTING, S.LEAVING}),
+    S.READY: frozenset({S.RESTARTING, S.UNHEALTHY, S.DRAINING, S.LEAVING}),
     S.DRAINING: frozenset({S.RESTARTING, S.SLEEPING}),
     S.SLEEPING: frozenset({S.ASLEEP, S.RESTARTING}),
     S.ASLEEP: frozenset({S.WAKING, S.RESTARTING}),
     S.WAKING: frozenset({S.READY, S.RESTARTING}),
-    S.UNHEALTHY: frozenset({S.READY, S.RESTORING}),
+    S.UNHEALTHY: frozenset({S.READY, S.RESTORING, S.LEAVING}),
+    S.JOINING: frozenset({S.READY, S.RESTORING, S.LEAVING}),
+    S.LEAVING: frozenset(),
     S.RESTARTING: frozenset({S.WAITING, S.READY, S.RESTORING, S.FAILED}),
     S.FAILED: frozenset(),
 }
 # Clients should retry soon.
-ON_ITS_WAY = frozenset({S.WAITING, S.LOADING, S.RESTARTING, S.RESTORING})
+ON_ITS_WAY = frozenset({S.WAITING, S.LOADING, S.RESTARTING, S.RESTORING, S.JOINING})
 
 
 def backoff(failures: int, base: float, cap: float) -> float:

@@ -67,6 +67,15 @@ class Replica:
     load: VllmLoad | None = None  # from the replica's own /metrics (policy vllm_metrics)
     kv_cache: KvCache | None = None  # expected and actual, once a spawned server is ready
     adapters: frozenset[str] = frozenset()  # LoRA adapters it serves, from its /v1/models
+    # What stays the same across its restarts, for the affinity hash: a spawned server's index
+    # (its port changes); empty for a server the gateway connects to, whose URL is used.
+    identity: str = ""
+    address: str | None = None  # a discovered pod's `ip:port`, which also names it in metrics
+
+    @property
+    def key(self) -> str:
+        """Its identity for rendezvous hashing."""
+        return self.identity or self.url
 
     @property
     def ready(self) -> bool:
@@ -141,11 +150,16 @@ class ReplicaPool:
         return best
 
     def _by_affinity(self, exclude: Collection[Replica], key: str) -> Replica | None:
-        # Hash on the replica's position, not its URL: a restarted server gets a new port.
-        ready = [(i, r) for i, r in enumerate(self.replicas) if r.ready and r not in exclude]
+        # Hash on each replica's identity, not its place in the list: pods come and go.
+        ready = [r for r in self.replicas if r.ready and r not in exclude]
         if not ready:
             return None
-        return max(ready, key=lambda item: _weight(key, item[0]))[1]
+        return max(ready, key=lambda replica: _weight(key, replica.key))
+
+    def labelled(self) -> list[tuple[str, Replica]]:
+        """Each replica with the name metrics, the status page and `?replica=` give it: a
+        discovered pod's address, else its index (stable, unlike a spawned server's port)."""
+        return [(r.address or str(i), r) for i, r in enumerate(self.replicas)]
 
     @property
     def adapters(self) -> frozenset[str]:
@@ -201,6 +215,6 @@ def _with_vllm_load(replica: Replica) -> float:
     return replica.in_flight + (load.score if load is not None else 0.0)
 
 
-def _weight(key: str, index: int) -> bytes:
+def _weight(key: str, replica: str) -> bytes:
     """Rendezvous-hash weight of a session on a replica (blake2b: evenly spread, and fast)."""
-    return hashlib.blake2b(f"{key}|{index}".encode(), digest_size=8).digest()
+    return hashlib.blake2b(f"{key}|{replica}".encode(), digest_size=8).digest()

@@ -102,7 +102,12 @@ class Supervisor:
         self.backends: dict[str, Backend] = {}
         self._sockets: Path | None = None  # a directory only this user may enter
         for index, spec in enumerate(specs):
-            replica = Replica(url="", state=BackendState.STOPPED, gpus=tuple(spec.gpus))
+            replica = Replica(
+                url="",
+                state=BackendState.STOPPED,
+                gpus=tuple(spec.gpus),
+                identity=str(spec.replica or 0),  # its port changes when it restarts
+            )
             if spec.unix_socket:
                 replica.url, replica.uds = f"http://backend-{index}", str(self._socket(index))
             process = BackendProcess(spec.label, Path(log_dir) / f"{spec.label}.log")

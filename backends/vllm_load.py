@@ -14,7 +14,7 @@ import re
 import httpx
 
 from backends.http import client_for
-from backends.pool import Replica, VllmLoad
+from backends.pool import Replica, ReplicaPool, VllmLoad
 
 _SAMPLE = re.compile(
     rb"^vllm:(num_requests_running|num_requests_waiting|kv_cache_usage_perc)(?:\{[^}]*\})? "
@@ -37,13 +37,16 @@ def parse_load(text: bytes) -> VllmLoad | None:
 
 
 class LoadScraper:
-    def __init__(self, replicas: list[Replica], interval: float = 1.0) -> None:
-        self.replicas = replicas
+    """Scrapes the replicas of ``pools`` (those balanced by vLLM's metrics), as they are at each
+    round: discovered pods come and go."""
+
+    def __init__(self, pools: list[ReplicaPool], interval: float = 1.0) -> None:
+        self.pools = pools
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        if self.replicas:
+        if self.pools:
             self._task = asyncio.create_task(self._run(), name="vllm-load-scraper")
 
     async def stop(self) -> None:
@@ -52,10 +55,16 @@ class LoadScraper:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        clients = {id(r): client_for(r, self.interval) for r in self.replicas}
+        clients: dict[Replica, httpx.AsyncClient] = {}
         try:
             while True:
-                await asyncio.gather(*(self._scrape(clients[id(r)], r) for r in self.replicas))
+                replicas = [r for pool in self.pools for r in pool.replicas]
+                for gone in clients.keys() - set(replicas):
+                    await clients.pop(gone).aclose()
+                for replica in replicas:
+                    if replica not in clients:
+                        clients[replica] = client_for(replica, self.interval)
+                await asyncio.gather(*(self._scrape(clients[r], r) for r in replicas))
                 await asyncio.sleep(self.interval)
         finally:
             await asyncio.gather(*(c.aclose() for c in clients.values()))

@@ -19,6 +19,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from backends.discovery import Discovery, DnsName, Resolver, resolve
 from backends.health import HealthChecker, HealthPolicy
 from backends.pool import Ejection, Replica, ReplicaPool
 from backends.supervisor import Supervisor
@@ -28,6 +29,7 @@ from gateway.auth import AccessMiddleware, access_policy
 from gateway.catalog import ModelCatalog
 from gateway.control import ControlParts, control_api
 from gateway.keys import KeyRing, key_ring
+from gateway.model_settings import ModelSettings
 from gateway.relay import Relay, RelayLimits
 from gateway.routing import RELAYED_PATHS, RouteTable
 from gateway.settings import GatewaySettings
@@ -44,8 +46,14 @@ from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import UpstreamClients
 
 
-def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = None) -> ASGIApp:
-    """Build the gateway. Spawn-mode models are started by ``supervisor`` during the lifespan."""
+def create_app(
+    settings: GatewaySettings,
+    *,
+    supervisor: Supervisor | None = None,
+    resolver: Resolver = resolve,
+) -> ASGIApp:
+    """Build the gateway. Spawn-mode models are started by ``supervisor`` during the lifespan;
+    ``resolver`` answers the DNS names of models with `discover`."""
     if supervisor is None:
         supervisor = Supervisor(
             backend_specs(settings),
@@ -60,9 +68,8 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
     for pool, _ in pools:
         pool.on_demand = board.models.get(pool.name)
     health_checker = HealthChecker(checked, adapter_book)
-    scraper = LoadScraper(
-        [r for pool, _ in pools if pool.policy == "vllm_metrics" for r in pool.replicas]
-    )
+    discoveries = _discoveries(settings, [p for p, _ in pools], health_checker, resolver)
+    scraper = LoadScraper([pool for pool, _ in pools if pool.policy == "vllm_metrics"])
     table = RouteTable(pools, {m.name: m.adapter_names for m in settings.models})
     keys = key_ring(settings)
     clients = UpstreamClients(connect_timeout=settings.timeouts.connect)
@@ -92,6 +99,8 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
     async def lifespan() -> AsyncIterator[None]:
         await supervisor.start()
         await health_checker.start()
+        for discovery in discoveries:
+            await discovery.start()
         await scraper.start()
         watcher = asyncio.create_task(keys.watch())
         reload_on_sighup(keys)
@@ -101,6 +110,8 @@ def create_app(settings: GatewaySettings, *, supervisor: Supervisor | None = Non
             watcher.cancel()
             await board.close()
             await scraper.stop()
+            for discovery in discoveries:
+                await discovery.stop()
             await health_checker.stop()
             await supervisor.stop()
             await clients.aclose()
@@ -135,13 +146,7 @@ def _pools(
         if model.vllm is None:
             key = model.api_key.get_secret_value() if model.api_key else None
             replicas = [Replica(url=url, api_key=key) for url in model.endpoints]
-            policy = HealthPolicy(
-                health.interval,
-                health.timeout,
-                health.unhealthy_threshold,
-                health.healthy_threshold,
-            )
-            checked += [(model.name, replica, policy) for replica in replicas]
+            checked += [(model.name, replica, _health_policy(model)) for replica in replicas]
         else:
             replicas = supervisor.replicas(model.name)
         for replica in replicas:
@@ -154,6 +159,40 @@ def _pools(
         )
         pools.append((pool, model.aliases))
     return pools, checked
+
+
+def _discoveries(
+    settings: GatewaySettings,
+    pools: list[ReplicaPool],
+    health_checker: HealthChecker,
+    resolver: Resolver,
+) -> list[Discovery]:
+    """One per model with `discover`: it fills the model's (empty) pool from DNS."""
+    found = []
+    for model, pool in zip(settings.models, pools, strict=True):
+        if model.discover is None:
+            continue
+        health = model.health
+        found.append(
+            Discovery(
+                pool,
+                DnsName.parse(model.discover.dns),
+                model.discover.interval,
+                health_checker,
+                _health_policy(model),
+                api_key=model.api_key.get_secret_value() if model.api_key else None,
+                ejection=Ejection(after=health.eject_after, seconds=health.eject_seconds),
+                resolver=resolver,
+            )
+        )
+    return found
+
+
+def _health_policy(model: ModelSettings) -> HealthPolicy:
+    health = model.health
+    return HealthPolicy(
+        health.interval, health.timeout, health.unhealthy_threshold, health.healthy_threshold
+    )
 
 
 def access_log(settings: GatewaySettings) -> AccessLog | None:

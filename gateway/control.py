@@ -79,7 +79,7 @@ def control_api(parts: ControlParts) -> FastAPI:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/backends/{model}/metrics")
-    async def backend_metrics(model: str, replica: int = 0) -> Response:
+    async def backend_metrics(model: str, replica: str = "0") -> Response:
         """A backend's own `vllm:*` series, relayed (vLLM serves /metrics without a key)."""
         return await _backend_metrics(parts, model, replica)
 
@@ -117,16 +117,21 @@ def control_api(parts: ControlParts) -> FastAPI:
     return api
 
 
-async def _backend_metrics(parts: ControlParts, model: str, index: int) -> Response:
+async def _backend_metrics(parts: ControlParts, model: str, name: str) -> Response:
+    """``name``: the replica as metrics label it, its index or a discovered pod's address."""
     pool = next((p for p in parts.catalog.table.pools if p.name == model), None)
     if pool is None:
         raise ModelNotFound(f"No model {model!r} on this gateway.", param="model")
-    if not 0 <= index < len(pool.replicas):
-        raise InvalidRequest(f"Model {model!r} has replicas 0 to {len(pool.replicas) - 1}.")
-    replica = pool.replicas[index]
+    named = dict(pool.labelled())
+    replica = named.get(name)
+    if replica is None:
+        raise InvalidRequest(
+            f"Model {model!r} has no replica {name!r}; it has {', '.join(named) or 'none'}.",
+            param="replica",
+        )
     if not replica.url:
         raise BackendUnavailable(
-            f"Replica {index} of model {model!r} does not answer.",
+            f"Replica {name} of model {model!r} does not answer.",
             retry_after=waits.RETRY_UNREACHABLE,
         )
     session = parts.clients.session(replica.url, replica.uds)

@@ -175,8 +175,8 @@ class PoolCollector(Collector):
         for pool in self.pools:
             in_flight.add_metric([pool.name], sum(r.in_flight for r in pool.replicas))
             streams.add_metric([pool.name], pool.open_streams)
-            for index, replica in enumerate(pool.replicas):
-                labels = [pool.name, str(index)]  # stable, unlike a spawned server's port
+            for label, replica in pool.labelled():
+                labels = [pool.name, label]
                 for each in BackendState:
                     state.add_metric([*labels, each.value], 1.0 if replica.state is each else 0.0)
                 restarts.add_metric(labels, replica.restarts)

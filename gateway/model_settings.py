@@ -129,6 +129,30 @@ class OnDemandSettings(Strict):
     )
 
 
+class DiscoverSettings(Strict):
+    """Connect mode: every address a DNS name resolves to is a replica (a Kubernetes headless
+    Service), re-resolved every ``interval`` seconds."""
+
+    dns: str = Field(
+        min_length=3, description="`name:port`, or `http(s)://name:port`; e.g. a headless Service"
+    )
+    interval: float = Field(5.0, gt=0)
+
+    @field_validator("dns")
+    @classmethod
+    def _name_and_port(cls, dns: str) -> str:
+        parts = urlsplit(dns if "://" in dns else f"http://{dns}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("write `name:port` or `http(s)://name:port`")
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if port is None or parts.path.strip("/") or parts.query or parts.fragment:
+            raise ValueError("write `name:port` or `http(s)://name:port`, with the port")
+        return dns
+
+
 class ModelSettings(Strict):
     name: str = Field(min_length=1)
     aliases: list[str] = Field(default_factory=list)
@@ -141,6 +165,7 @@ class ModelSettings(Strict):
         description="or the environment variable that holds it (a Kubernetes Secret, say)",
     )
     vllm: VllmSpawn | None = None
+    discover: DiscoverSettings | None = None
     balance: Literal["least_outstanding", "vllm_metrics", "affinity"] = "least_outstanding"
     affinity_header: str = Field(
         "x-session-id", description="for balance: affinity, when the body has no `user`"
@@ -170,8 +195,11 @@ class ModelSettings(Strict):
 
     @model_validator(mode="after")
     def _one_mode(self) -> ModelSettings:
-        if sum(x is not None for x in (self.url, self.urls, self.vllm)) != 1:
-            raise ValueError("give one of `url` or `urls` (running servers) or `vllm` (spawn them)")
+        if sum(x is not None for x in (self.url, self.urls, self.vllm, self.discover)) != 1:
+            raise ValueError(
+                "give one of `url` or `urls` (running servers), `discover` (the servers a DNS "
+                "name resolves to) or `vllm` (spawn them)"
+            )
         if self.api_key is not None and self.api_key_env is not None:
             raise ValueError("give `api_key` or `api_key_env`, not both")
         if self.api_key_env is not None and self.vllm is not None:

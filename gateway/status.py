@@ -37,6 +37,7 @@ class StatusReport:
             replicas = [
                 {
                     "index": i,
+                    "replica": label,
                     "url": f"unix:{r.uds}" if r.uds else (r.url or None),
                     "state": str(r.state),
                     "ejected": r.ejected_until > now,
@@ -51,7 +52,7 @@ class StatusReport:
                     "kv_cache": None if r.kv_cache is None else kv_cache_document(r.kv_cache),
                     "adapters": sorted(r.adapters),
                 }
-                for i, r in enumerate(pool.replicas)
+                for i, (label, r) in enumerate(pool.labelled())
             ]
             models.append(
                 {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from backends.supervisor import SpawnHealth, SupervisorTimings
 
@@ -37,3 +37,17 @@ async def until(condition: Callable[[], bool], timeout: float = 10, what: str = 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+class Dns:
+    """A resolver for `discover` whose answer the test sets: addresses, or an error."""
+
+    def __init__(self, *ips: str) -> None:
+        self.answer: Sequence[str] | OSError = ips
+        self.asked: list[tuple[str, int]] = []
+
+    async def __call__(self, host: str, port: int) -> Sequence[str]:
+        self.asked.append((host, port))
+        if isinstance(self.answer, OSError):
+            raise self.answer
+        return self.answer

@@ -35,14 +35,25 @@ def answers(url: str) -> bool:
 class FakeBackend:
     """A fake vLLM server process on a free loopback port."""
 
-    def __init__(self, name: str = "fake", *args: str, port: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str = "fake",
+        *args: str,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        wait: bool = True,
+    ) -> None:
+        """``host``: any loopback address (127.0.0.2 is a second "pod" on the same port);
+        ``wait``: until it answers /health (not for one started with --startup-delay)."""
         self.name = name
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.proc = subprocess.Popen(
             [
                 sys.executable,
                 FAKE_VLLM,
+                "--host",
+                host,
                 "--port",
                 str(self.port),
                 "--served-model-name",
@@ -51,7 +62,8 @@ class FakeBackend:
             ],
             stdout=subprocess.DEVNULL,
         )
-        wait_until(lambda: answers(self.url + "/health"), 15, f"fake backend {name}")
+        if wait:
+            wait_until(lambda: answers(self.url + "/health"), 15, f"fake backend {name}")
 
     def stats(self) -> dict[str, int]:
         result: dict[str, int] = httpx.get(self.url + "/fake/stats").json()

@@ -160,6 +160,9 @@ def plan(args: argparse.Namespace) -> int:
         print(f"\n{model.name}{aliases}")
         for url in model.endpoints:
             print(f"  connect: {url}")
+        if model.discover is not None:
+            every = f"{model.discover.interval:g}"
+            print(f"  discover: every address of {model.discover.dns}, resolved every {every} s")
         for spec in (s for s in specs if s.name == model.name):
             prefix = f"  [replica {spec.replica}]" if spec.replica is not None else ""
             if prefix:

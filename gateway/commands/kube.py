@@ -1,8 +1,10 @@
 """`vllm-gateway k8s`: the same config that spawns models on one host, as Kubernetes objects.
 
-Each spawn-mode model becomes its own vLLM Deployment and Service (GPUs as `nvidia.com/gpu`, the
+Each spawn-mode model becomes its own vLLM Deployment and Services (GPUs as `nvidia.com/gpu`, the
 model cache as a shared volume, a startup probe long enough for big models); the gateway gets a
-ConfigMap with the same models in connect mode, pointing at those Services. A model is declared
+ConfigMap with the same models in connect mode, each discovering its pods through a headless
+Service (DNS only: the gateway needs no Kubernetes API access), so the gateway balances, checks
+and ejects every pod itself instead of one Service address. A model is declared
 once, in the gateway's config; the kustomize base under deploy/k8s adds the gateway's own
 Deployment, Service, autoscaler and disruption budget around what this generates.
 """
@@ -30,7 +32,11 @@ def manifests(settings: GatewaySettings, image: str = VLLM_IMAGE) -> list[dict[s
     objects: list[dict[str, Any]] = []
     for model in settings.models:
         if model.vllm is not None:
-            objects += [_deployment(model, _pod_spec(settings, model), image), _service(model)]
+            objects += [
+                _deployment(model, _pod_spec(settings, model), image),
+                _service(model),
+                _service(model, headless=True),
+            ]
     objects.append(_gateway_config(settings))
     return objects
 
@@ -161,31 +167,45 @@ def _deployment(model: ModelSettings, spec: VllmSpec, image: str) -> dict[str, A
     }
 
 
-def _service(model: ModelSettings) -> dict[str, Any]:
+def pods_name(model: ModelSettings) -> str:
+    """The headless Service that resolves to each ready pod of the model."""
+    return f"vllm-{dns_name(model.name)}-pods"
+
+
+def _service(model: ModelSettings, headless: bool = False) -> dict[str, Any]:
+    """The model's Service (one address, for anything else in the cluster), or the headless
+    one the gateway discovers pods by: only ready pods are published, so a pod joins DNS after
+    its readiness probe and leaves it when it stops being ready."""
+    spec: dict[str, Any] = {
+        "selector": _labels(model),
+        "ports": [{"name": "http", "port": VLLM_PORT, "targetPort": "http"}],
+    }
+    if headless:
+        spec |= {"clusterIP": "None", "publishNotReadyAddresses": False}
+    name = pods_name(model) if headless else f"vllm-{dns_name(model.name)}"
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": f"vllm-{dns_name(model.name)}", "labels": _labels(model)},
-        "spec": {
-            "selector": _labels(model),
-            "ports": [{"name": "http", "port": VLLM_PORT, "targetPort": "http"}],
-        },
+        "metadata": {"name": name, "labels": _labels(model)},
+        "spec": spec,
     }
 
 
 def _gateway_config(settings: GatewaySettings) -> dict[str, Any]:
-    """The gateway's config in connect mode: each spawned model becomes its Service's URL, and
-    every gateway setting carries over. Keys come from the Secret mounted as the keys file; the
-    monitor key of the ServiceMonitor is one of them."""
+    """The gateway's config in connect mode: each spawned model discovers its pods through its
+    headless Service, and every gateway setting carries over. Keys come from the Secret mounted
+    as the keys file; the monitor key of the ServiceMonitor is one of them."""
     models = []
     for model in settings.models:
         entry: dict[str, Any] = {"name": model.name, "aliases": model.aliases}
         if model.vllm is not None:
-            entry["url"] = f"http://vllm-{dns_name(model.name)}:{VLLM_PORT}"
+            entry["discover"] = {"dns": f"{pods_name(model)}:{VLLM_PORT}", "interval": 5}
+        elif model.discover is not None:
+            entry["discover"] = model.discover.model_dump()
         else:
             entry["urls"] = model.endpoints
-            if model.api_key is not None:  # the value stays out: a Secret provides it
-                entry["api_key_env"] = backend_key_env(model)
+        if model.vllm is None and model.api_key is not None:  # a Secret provides its value
+            entry["api_key_env"] = backend_key_env(model)
         entry["balance"] = model.balance
         entry["affinity_header"] = model.affinity_header
         entry["health"] = model.health.model_dump()

@@ -65,7 +65,9 @@ def test_overlays_render_and_every_object_passes_the_kubernetes_schema(overlay: 
 
 
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl (with kustomize) is not installed")
-def test_each_model_has_a_deployment_and_service_the_gateway_points_at() -> None:
+def test_each_model_has_a_deployment_whose_pods_the_gateway_discovers() -> None:
+    """Each model: a Deployment, a Service, and a headless Service that resolves to each ready
+    pod, which the gateway's config discovers (DNS only: the gateway gets no RBAC)."""
     objects = render("production")
     by_kind: dict[str, dict[str, dict[str, Any]]] = {}
     for obj in objects:
@@ -75,12 +77,17 @@ def test_each_model_has_a_deployment_and_service_the_gateway_points_at() -> None
     seed = load_settings(ROOT / SEED, env={})
     assert [m.name for m in config.models] == [m.name for m in seed.models]
     for model in config.models:
-        assert model.url is not None and model.vllm is None  # connect mode in the cluster
-        service_name = model.url.removeprefix("http://").split(":")[0]
-        service = by_kind["Service"][service_name]
-        deployment = by_kind["Deployment"][service_name]
+        assert model.discover is not None and model.vllm is None  # connect mode in the cluster
+        headless_name = model.discover.dns.split(":")[0]
+        headless = by_kind["Service"][headless_name]
+        assert headless["spec"]["clusterIP"] == "None"
+        assert headless["spec"]["publishNotReadyAddresses"] is False
+        deployment = by_kind["Deployment"][headless_name.removesuffix("-pods")]
+        service = by_kind["Service"][deployment["metadata"]["name"]]
         pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert headless["spec"]["selector"].items() <= pod_labels.items()
         assert service["spec"]["selector"].items() <= pod_labels.items()
+        assert headless["spec"]["ports"][0]["port"] == int(model.discover.dns.split(":")[1])
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         command = container["command"]
         assert command[command.index("--served-model-name") + 1] == model.name
@@ -89,6 +96,7 @@ def test_each_model_has_a_deployment_and_service_the_gateway_points_at() -> None
     assert first["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 4}
     gateway = by_kind["Deployment"]["vllm-gateway"]["spec"]["template"]["spec"]
     assert gateway["volumes"][1]["secret"]["secretName"] == "vllm-gateway-keys"
+    assert not {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"} & by_kind.keys()
 
 
 def test_the_generated_config_carries_every_setting_and_the_spawn_command() -> None:

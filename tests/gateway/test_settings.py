@@ -59,10 +59,28 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_a_model_needs_exactly_one_mode() -> None:
     both = {"name": "m", "url": "http://h:1", "vllm": {"model": "m"}}
     neither = {"name": "m"}
-    assert problems({"models": [both]}) == [
-        "models[0]: give one of `url` or `urls` (running servers) or `vllm` (spawn them)"
-    ]
-    assert problems({"models": [neither]})[0].startswith("models[0]: give one of")
+    discover = {"name": "m", "discover": {"dns": "pods:8000"}, "url": "http://h:1"}
+    found: list[str] = []
+    for config in (both, neither, discover):
+        found = problems({"models": [config]})
+        assert len(found) == 1 and found[0].startswith("models[0]: give one of `url` or `urls`")
+    assert "`discover`" in found[0] and "`vllm`" in found[0]
+
+
+@pytest.mark.parametrize(
+    "dns", ["pods", "pods:http", "http://pods:8000/v1", "ftp://pods:21", "pods:8000?x=1"]
+)
+def test_discover_needs_a_name_and_a_port(dns: str) -> None:
+    found = problems({"models": [{"name": "m", "discover": {"dns": dns}}]})
+    assert len(found) == 1 and found[0].startswith("models[0].discover.dns: "), found
+
+
+def test_discover_takes_a_name_with_a_port_and_a_scheme_if_https() -> None:
+    for dns in ("vllm-chat-pods:8000", "https://vllm-chat-pods.ns.svc.cluster.local:8443"):
+        model = {"name": "m", "discover": {"dns": dns, "interval": 2}}
+        settings = settings_from_dict({"models": [model]}, env={})
+        assert settings.models[0].discover is not None
+        assert settings.models[0].endpoints == []
 
 
 def test_replicas_split_the_gpus_evenly_or_take_one_list_each() -> None:
