@@ -10,6 +10,9 @@ client on CPU 0, as in load/bench.py):
 - ``uvicorn + raw client``: the same, with aiohttp replaced by an asyncio protocol that writes
   the request in one send and parses the response with httptools (uvicorn's parser), over
   pooled keep-alive connections. What a leaner upstream client would buy.
+- ``uvicorn + pyreqwest`` / ``+ aiosonic`` / ``+ httpr``: the maintained fast clients in the
+  same place (`pip install -e .[bench]`), each used as its documentation shows for a streamed
+  response: the candidates to replace aiohttp with before writing a client of our own.
 
 The sketches skip everything a product needs (errors, timeouts, retries, keys, metrics), so
 the gap between them and the gateway is what those cost, and the gap between the sketches is
@@ -35,7 +38,13 @@ from peers import ROOT, Target, pinned, start_fake, start_gateway, wait_http
 from report import Rows, med
 
 SCENARIOS = ("chat c=1", "chat c=64", "stream 64 chunks c=16")
-SKETCHES = {"uvicorn + aiohttp": "aiohttp", "uvicorn + raw client": "raw"}
+SKETCHES = {
+    "uvicorn + aiohttp": "aiohttp",
+    "uvicorn + raw client": "raw",
+    "uvicorn + pyreqwest": "pyreqwest",
+    "uvicorn + aiosonic": "aiosonic",
+    "uvicorn + httpr": "httpr",
+}
 
 
 def aiohttp_relay(upstream: str) -> Any:
@@ -61,6 +70,79 @@ def aiohttp_relay(upstream: str) -> Any:
             await send({"type": "http.response.body", "body": b""})
 
     return relay
+
+
+def pyreqwest_relay(upstream: str) -> Any:
+    from pyreqwest.client import Client, ClientBuilder
+
+    client: list[Client] = []
+
+    async def relay(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = await _body(receive)
+        if not client:
+            client.append(ClientBuilder().http1_only().gzip(False).build())
+        request = (
+            client[0]
+            .post(upstream + scope["path"])
+            .header("content-type", "application/json")
+            .body_bytes(body)
+            .build_streamed()
+        )
+        async with request as r:
+            headers = [(k.encode(), v.encode()) for k, v in r.headers.items()]
+            await _start(send, r.status, headers)
+            reader = r.body_reader
+            while (chunk := await reader.read_chunk()) is not None:
+                await send({"type": "http.response.body", "body": bytes(chunk), "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+    return relay
+
+
+def aiosonic_relay(upstream: str) -> Any:
+    import aiosonic
+
+    client: list[aiosonic.HTTPClient] = []
+
+    async def relay(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = await _body(receive)
+        if not client:
+            client.append(aiosonic.HTTPClient())
+        r = await client[0].post(
+            upstream + scope["path"], data=body, headers={"content-type": "application/json"}
+        )
+        await _start(send, r.status_code, [(k.encode(), v.encode()) for k, v in r.raw_headers])
+        async for chunk in r.iter_bytes():  # a read_chunks() of a sized body waits forever
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    return relay
+
+
+def httpr_relay(upstream: str) -> Any:
+    import httpr
+
+    client: list[httpr.AsyncClient] = []
+
+    async def relay(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = await _body(receive)
+        if not client:
+            client.append(httpr.AsyncClient())
+        headers = {"content-type": "application/json"}
+        async with client[0].stream(
+            "POST", upstream + scope["path"], content=body, headers=headers
+        ) as r:
+            head = [(k.encode(), v.encode()) for k, v in r.headers.items()]
+            await _start(send, r.status_code, head)
+            async for chunk in r.aiter_bytes():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+    return relay
+
+
+RELAYS = {"aiohttp": aiohttp_relay, "pyreqwest": pyreqwest_relay, "aiosonic": aiosonic_relay}
+RELAYS["httpr"] = httpr_relay
 
 
 class _Connection(asyncio.Protocol):
@@ -148,7 +230,7 @@ async def _start(send: Any, status: int, headers: Any) -> None:
 def serve(kind: str, upstream: str, port: int) -> None:
     import uvicorn
 
-    relay = aiohttp_relay(upstream) if kind == "aiohttp" else raw_relay(upstream)
+    relay = RELAYS.get(kind, raw_relay)(upstream)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":

@@ -10,7 +10,9 @@ first integration test wait for readiness. Two groups start together:
   with SIGKILL by a test, to show that its vLLM server dies with it).
 
 The chat server also serves a LoRA adapter (`sql`), and the spawned chat model may load
-adapters at runtime.
+adapters at runtime. A second tiny-chat server listens on 127.0.0.2 with the chat server's port:
+two "pods" of one model for the DNS discovery test, which stops it when done (so the on-demand
+tests that follow stay within the budget of eight servers at once).
 
 Set VLLM_GATEWAY_TEST_URLS="tiny-chat=http://127.0.0.1:18001,..." to reuse running servers.
 """
@@ -54,6 +56,8 @@ BACKENDS: dict[str, tuple[str, dict[str, object]]] = {
 }
 
 
+POD_HOST = "127.0.0.2"  # the second tiny-chat "pod": same port, another loopback address
+
 # Eager mode starts a tiny CPU server in ~25 s instead of ~65 s (no torch.compile warm-up).
 CPU_ARGS: dict[str, object] = {"dtype": "float32", "enforce-eager": True}
 
@@ -84,6 +88,9 @@ class VllmRig:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     spawned: dict[str, GatewayProcess] = field(default_factory=dict)
     started: bool = False
+    pod: subprocess.Popen[bytes] | None = None  # tiny-chat on POD_HOST, under its reaper
+    pod_url: str = ""
+    _pod_launch: tuple[list[str], dict[str, str]] = ([], {})
 
     def start(self) -> None:
         """Start everything and return at once; ``wait_ready`` blocks."""
@@ -101,6 +108,12 @@ class VllmRig:
                 cmd = spec.command(port, api_key=None)
                 self.procs.append(_launch(cmd, ARTIFACTS / f"vllm-{name}.log", dict(spec.env)))
                 self.urls[name] = f"http://127.0.0.1:{port}"
+        chat_port = int(self.urls["tiny-chat"].rsplit(":", 1)[1])
+        kind, args = BACKENDS["tiny-chat"]
+        spec = spec_for("tiny-chat", kind, args, core=1)
+        self._pod_launch = (spec.command(chat_port, api_key=None, host=POD_HOST), dict(spec.env))
+        self.pod_url = f"http://{POD_HOST}:{chat_port}"
+        self.start_pod()
         # One config mixing both modes: a spawned chat model (two replicas) and the rig's
         # embedder.
         self._spawn_gateway(
@@ -120,6 +133,17 @@ class VllmRig:
         self._spawn_gateway(
             "doomed", [_spawned("doomed-embed", "embed", [], core=1, runner="pooling")]
         )
+
+    def start_pod(self) -> None:
+        """Start (or start again, once it is gone) the second tiny-chat "pod"."""
+        assert self.pod is None or self.pod.poll() is not None, "the pod still runs"
+        cmd, env = self._pod_launch
+        self.pod = _launch(cmd, ARTIFACTS / "vllm-tiny-chat-pod.log", env)
+
+    def stop_pod(self) -> None:
+        if self.pod is not None and self.pod.poll() is None:
+            self.pod.send_signal(signal.SIGTERM)
+            self.pod.wait(60)
 
     def _spawn_gateway(self, label: str, models: list[dict[str, object]]) -> None:
         config = {
@@ -142,6 +166,14 @@ class VllmRig:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{name} not ready after {READY_TIMEOUT}s")
                 time.sleep(1)
+        while self.pod is not None and not _serves(self.pod_url, "tiny-chat"):
+            if self.pod.poll() is not None:
+                raise RuntimeError(
+                    f"the tiny-chat pod exited; see {ARTIFACTS}/vllm-tiny-chat-pod.log"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the tiny-chat pod not ready after {READY_TIMEOUT}s")
+            time.sleep(1)
         # Spawned models too: a server still warming up starves the others on 2 cores.
         for label, gw in self.spawned.items():
             for model in gw.config["models"]:
@@ -155,6 +187,8 @@ class VllmRig:
 
     def stop(self) -> None:
         procs = [*self.procs, *(g.proc for g in self.spawned.values())]
+        if self.pod is not None:
+            procs.append(self.pod)
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

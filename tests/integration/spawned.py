@@ -31,12 +31,17 @@ def ok(call: object) -> bool:
 
 def vllm_servers(gw: GatewayProcess) -> list[int]:
     """The api_server processes below the gateway (not the reapers, not engine workers)."""
+    return api_servers(gw.proc.pid)
+
+
+def api_servers(pid: int) -> list[int]:
+    """The vLLM api_server processes below ``pid``."""
     found = []
-    for pid in descendants(gw.proc.pid):
+    for child in descendants(pid):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         if b"vllm.entrypoints.openai.api_server" in cmdline and b"backends.reaper" not in cmdline:
-            found.append(pid)
+            found.append(child)
     return found
