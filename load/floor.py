@@ -283,7 +283,7 @@ def main() -> None:
     try:
         for i, (name, kind) in enumerate(SKETCHES.items()):
             running.append(start_sketch(name, kind, TARGET_PORT + 10 * i, fake.url))
-        running.append(start_gateway(TARGET_PORT + 30, fake.url))
+        running.append(start_gateway(TARGET_PORT + 10 * len(SKETCHES), fake.url))
         chosen = [s for s in scenarios() if s.name in SCENARIOS]
         results = take_turns(running, chosen, args.repeats, args.seconds)
     finally:
