@@ -84,7 +84,10 @@ class Discovery:
         api_key: str | None = None,
         ejection: Ejection | None = None,
         resolver: Resolver = resolve,
+        on_removed: Callable[[Replica], Awaitable[None]] | None = None,
     ) -> None:
+        """``on_removed``: called with each replica once it has left the pool (the gateway
+        closes its connections to it)."""
         self.pool = pool
         self.name = name
         self.interval = interval
@@ -93,6 +96,7 @@ class Discovery:
         self.api_key = api_key
         self.ejection = ejection or Ejection()
         self.resolver = resolver
+        self.on_removed = on_removed
         self.members: dict[str, Replica] = {}  # address -> its replica, while not leaving
         self._failure: str | None = None  # the last resolution error, logged once
         self._task: asyncio.Task[None] | None = None
@@ -173,3 +177,5 @@ class Discovery:
         self.pool.replicas.remove(replica)
         replica.move(BackendState.STOPPED)
         log.info("%s: %s removed", self.pool.name, replica.address)
+        if self.on_removed is not None:
+            await self.on_removed(replica)

@@ -68,11 +68,11 @@ def create_app(
     for pool, _ in pools:
         pool.on_demand = board.models.get(pool.name)
     health_checker = HealthChecker(checked, adapter_book)
-    discoveries = _discoveries(settings, [p for p, _ in pools], health_checker, resolver)
     scraper = LoadScraper([pool for pool, _ in pools if pool.policy == "vllm_metrics"])
     table = RouteTable(pools, {m.name: m.adapter_names for m in settings.models})
     keys = key_ring(settings)
     clients = UpstreamClients(connect_timeout=settings.timeouts.connect)
+    discoveries = _discoveries(settings, [p for p, _ in pools], health_checker, resolver, clients)
     telemetry = Telemetry(table.pools, access_log(settings))
     relay = Relay(
         table,
@@ -166,6 +166,7 @@ def _discoveries(
     pools: list[ReplicaPool],
     health_checker: HealthChecker,
     resolver: Resolver,
+    clients: UpstreamClients,
 ) -> list[Discovery]:
     """One per model with `discover`: it fills the model's (empty) pool from DNS."""
     found = []
@@ -183,6 +184,7 @@ def _discoveries(
                 api_key=model.api_key.get_secret_value() if model.api_key else None,
                 ejection=Ejection(after=health.eject_after, seconds=health.eject_seconds),
                 resolver=resolver,
+                on_removed=lambda replica: clients.forget(replica.url),
             )
         )
     return found

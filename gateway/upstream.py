@@ -86,6 +86,14 @@ class UpstreamClients:
             self._sessions[base_url] = session
         return session
 
+    async def forget(self, base_url: str) -> None:
+        """Close what was kept for a backend that is gone for good (a discovered pod that
+        left: the next one has another address, so nothing would ever reuse it)."""
+        self._urls = {key: url for key, url in self._urls.items() if key[0] != base_url}
+        session = self._sessions.pop(base_url, None)
+        if session is not None:
+            await session.close()
+
     async def aclose(self) -> None:
         sessions, self._sessions = list(self._sessions.values()), {}
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)

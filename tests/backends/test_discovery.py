@@ -5,6 +5,7 @@ when pods come and go."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
@@ -30,9 +31,10 @@ class Watcher:
         self.watched.remove(replica)
 
 
-def discovery(dns: Dns) -> tuple[Discovery, ReplicaPool, Watcher]:
+def discovery(dns: Dns, **options: Any) -> tuple[Discovery, ReplicaPool, Watcher]:
     pool, watcher = ReplicaPool("chat"), Watcher()
-    return Discovery(pool, NAME, 60, watcher, HealthPolicy(), resolver=dns), pool, watcher
+    found = Discovery(pool, NAME, 60, watcher, HealthPolicy(), resolver=dns, **options)
+    return found, pool, watcher
 
 
 def dns_asked(found: Discovery) -> list[tuple[str, int]]:
@@ -71,6 +73,20 @@ async def test_an_address_gone_from_dns_leaves_after_its_requests_end() -> None:
     lease.release()
     await until(lambda: second not in pool.replicas, what="the drained pod removed")
     assert second.state is S.STOPPED and addresses(pool) == ["10.0.0.1:8000"]
+
+
+async def test_whoever_holds_connections_hears_when_a_pod_is_gone_for_good() -> None:
+    removed: list[str] = []
+
+    async def forget(replica: Replica) -> None:
+        removed.append(replica.url)
+
+    dns = Dns("10.0.0.1", "10.0.0.2")
+    found, _, _ = discovery(dns, on_removed=forget)
+    await found.refresh()
+    dns.answer = ["10.0.0.2"]
+    await found.refresh()
+    await until(lambda: removed == ["http://10.0.0.1:8000"], what="the hook called")
 
 
 async def test_a_dns_outage_keeps_the_last_good_set_and_says_so_once(
