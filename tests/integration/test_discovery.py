@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.helpers import Dns, bearer, wait_until
+from tests.integration.outcomes import ACCEPTED, chat_outcome
 from tests.integration.spawned import api_servers
 from tests.servers import GatewayServer, gateway_settings
 from tests.vllm_rig import ARTIFACTS, POD_HOST, VllmRig
@@ -30,7 +31,6 @@ from tests.vllm_rig import ARTIFACTS, POD_HOST, VllmRig
 pytestmark = pytest.mark.vllm
 KEY = "sk-pods"  # an admin key: it also reads /status.json
 CLIENTS = 4
-ACCEPTED = {"plain 200", "stream complete", "stream cut, error event + [DONE]"}
 
 
 class Load:
@@ -63,25 +63,7 @@ class Load:
 
 
 def one_request(url: str, stream: bool) -> str:
-    body = {
-        "model": "tiny-chat",
-        "messages": [{"role": "user", "content": "count"}],
-        "max_tokens": 48 if stream else 8,
-        "ignore_eos": True,
-        "stream": stream,
-    }
-    try:
-        answer = httpx.post(
-            f"{url}/v1/chat/completions", json=body, headers=bearer(KEY), timeout=120
-        )
-    except httpx.HTTPError as exc:
-        return f"exception {type(exc).__name__}"
-    if not stream:
-        return f"plain {answer.status_code}"
-    events = [e for e in answer.text.split("\n\n") if e]
-    if answer.status_code != 200 or not events or events[-1] != "data: [DONE]":
-        return f"stream {answer.status_code} unterminated"
-    return "stream cut, error event + [DONE]" if '"error"' in answer.text else "stream complete"
+    return chat_outcome(url, "tiny-chat", bearer(KEY), stream, 48 if stream else 8)
 
 
 def served(pod_url: str) -> float:
