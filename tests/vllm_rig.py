@@ -37,7 +37,12 @@ from tests.servers import ROOT, GatewayProcess, subprocess_env
 MODELS_DIR = ROOT / ".cache" / "tiny-models"
 ARTIFACTS = ROOT / ".artifacts"
 READY_TIMEOUT = float(os.environ.get("VLLM_GATEWAY_TEST_READY_TIMEOUT", "900"))
-CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # lets the CPU build take `uni` (see CPU_ARGS)
+}
 PYTHON_LAUNCHER = (sys.executable, "-m", "vllm.entrypoints.openai.api_server")
 
 # name -> (tiny model kind, extra vllm serve flags)
@@ -58,8 +63,13 @@ BACKENDS: dict[str, tuple[str, dict[str, object]]] = {
 
 POD_HOST = "127.0.0.2"  # the second tiny-chat "pod": same port, another loopback address
 
-# Eager mode starts a tiny CPU server in ~25 s instead of ~65 s (no torch.compile warm-up).
-CPU_ARGS: dict[str, object] = {"dtype": "float32", "enforce-eager": True}
+# Eager mode: no torch.compile warm-up. `uni`: the model runs in the engine core process instead
+# of a worker process of its own, one Python start-up less (API server and engine core remain).
+CPU_ARGS: dict[str, object] = {
+    "dtype": "float32",
+    "enforce-eager": True,
+    "distributed-executor-backend": "uni",
+}
 
 
 def cpu_env(core: int) -> dict[str, str]:
