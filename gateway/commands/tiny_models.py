@@ -26,6 +26,7 @@ HIDDEN = 128
 HEADS = 2  # head_dim = 64: vLLM's CPU attention needs 32 or more
 KINDS = ("chat", "embed", "rerank", "lora")
 LORA_RANK = 8
+SENTENCE_TRANSFORMERS = "config_sentence_transformers.json"  # an embedder's input-type prompts
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -69,6 +70,8 @@ def build_all(out_dir: str | Path, kinds: tuple[str, ...] = KINDS) -> dict[str, 
     for kind in kinds:
         target = out / kind
         done = ("adapter_config.json",) if kind == "lora" else ("config.json", "tokenizer.json")
+        if kind == "embed":
+            done += (SENTENCE_TRANSFORMERS,)
         if not all((target / name).exists() for name in done):
             builders[kind](target)
         built[kind] = target
@@ -187,12 +190,16 @@ def _bert_config(tokenizer: Any, **extra: Any) -> Any:
 
 
 def build_embedder(target: Path) -> None:
+    """With input-type prompts, as e5-style models ship them: vLLM serves Cohere's
+    `input_type` only for a model that defines them."""
     import torch
     from transformers import BertModel
 
     tokenizer = _bert_tokenizer()
     torch.manual_seed(1)
     _save(BertModel(_bert_config(tokenizer), add_pooling_layer=False), tokenizer, target)
+    prompts = {"search_query": "query: ", "search_document": "passage: "}
+    (target / SENTENCE_TRANSFORMERS).write_text(json.dumps({"prompts": prompts}) + "\n")
 
 
 def build_reranker(target: Path) -> None:
