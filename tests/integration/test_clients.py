@@ -1,11 +1,19 @@
 """Client libraries people use, unchanged, pointed at the gateway: Anthropic's SDK, Cohere's
-(v2 and v1), LangChain's OpenAI integration. The OpenAI SDK has test_endpoints.py.
+(v2 and v1), LangChain's OpenAI integration; LlamaIndex's OpenAI-like classes and LiteLLM in an
+environment of their own (they pin an older `openai` than vLLM). The OpenAI SDK has
+test_endpoints.py.
 
 Each is configured as its documentation says for a self-hosted base URL and nothing else; what a
 library gets wrong against vLLM itself is written down in the README, not worked around here.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
 
 import anthropic
 import cohere
@@ -14,10 +22,11 @@ import pytest
 from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 
 from tests.integration.conftest import KEY
-from tests.servers import GatewayProcess
+from tests.servers import ROOT, GatewayProcess
 
 pytestmark = pytest.mark.vllm
 HELLO = [{"role": "user", "content": "hello there"}]
+CLIENTS = Path(__file__).parent / "clients"
 DOCUMENTS = ["a cat sat on the mat", "stock prices fell today", "the kitten slept"]
 
 
@@ -130,11 +139,56 @@ def test_langchain_embeddings_equal_vllm_direct(
         max_retries=0,
     )
     vectors = embeddings.embed_documents(DOCUMENTS)
-    direct = httpx.post(
+    assert [rounded(v) for v in vectors] == direct_embeddings(vllm, DOCUMENTS)
+
+
+CLIENTS_PYTHON = ROOT / ".venv-clients" / "bin" / "python"  # scripts/setup-env.sh builds it
+
+
+def run_client(script: str, gateway: GatewayProcess) -> dict[str, Any]:
+    """A script of tests/integration/clients/ in the clients' own environment; its last line
+    of output is its JSON report (LiteLLM prints advice of its own before it)."""
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # no download at import
+    done = subprocess.run(
+        [str(CLIENTS_PYTHON), str(CLIENTS / script), gateway.url, KEY],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+def direct_embeddings(vllm: dict[str, str], texts: list[str]) -> list[list[float]]:
+    data = httpx.post(
         f"{vllm['tiny-embed']}/v1/embeddings",
-        json={"model": "tiny-embed", "input": DOCUMENTS},
+        json={"model": "tiny-embed", "input": texts},
         timeout=60,
     ).json()["data"]
-    assert [[round(x, 5) for x in v] for v in vectors] == [
-        [round(x, 5) for x in d["embedding"]] for d in direct
-    ]
+    return [rounded(d["embedding"]) for d in data]
+
+
+def rounded(vector: list[float]) -> list[float]:
+    return [round(x, 5) for x in vector]
+
+
+PAIR = ["a cat sat on the mat", "stock prices fell"]  # what the client scripts embed
+
+
+def test_llamaindex_openai_like_chat_stream_and_embeddings(
+    gateway: GatewayProcess, vllm: dict[str, str]
+) -> None:
+    report = run_client("llamaindex_check.py", gateway)
+    assert report["chat"] == report["streamed"]  # greedy: the same text, streamed
+    assert [rounded(v) for v in report["vectors"]] == direct_embeddings(vllm, PAIR)
+
+
+def test_litellm_as_a_library_chat_stream_embeddings_and_errors(
+    gateway: GatewayProcess, vllm: dict[str, str]
+) -> None:
+    report = run_client("litellm_check.py", gateway)
+    assert report["usage"] == 8 and report["chat"] == report["streamed"]
+    assert [rounded(v) for v in report["vectors"]] == direct_embeddings(vllm, PAIR)
+    assert report["missing"] == "NotFoundError 404"
