@@ -69,8 +69,10 @@ def build_all(out_dir: str | Path, kinds: tuple[str, ...] = KINDS) -> dict[str, 
     built = {}
     for kind in kinds:
         target = out / kind
-        done = ("adapter_config.json",) if kind == "lora" else ("config.json", "tokenizer.json")
-        if kind == "embed":
+        done: tuple[str, ...] = ("config.json", "tokenizer.json")
+        if kind == "lora":
+            done = ("adapter_config.json",)
+        elif kind == "embed":
             done += (SENTENCE_TRANSFORMERS,)
         if not all((target / name).exists() for name in done):
             builders[kind](target)
