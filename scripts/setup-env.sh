@@ -26,15 +26,6 @@ pip install -e ".[cpu,dev]" "torch==$TORCH_VERSION"
 for pkg in torchvision torchaudio torchcodec; do
   if "$py" -m pip show -q "$pkg" >/dev/null 2>&1; then pip uninstall -y "$pkg"; fi
 done
-# Client libraries that pin an older openai than vLLM's get an environment of their own; the
-# client tests run their scripts (tests/integration/clients/) with its python.
-CLIENTS_VENV=${CLIENTS_VENV:-.venv-clients}
-if ! "$CLIENTS_VENV/bin/python" -c "import litellm, llama_index.llms.openai_like, llama_index.embeddings.openai_like" 2>/dev/null; then
-  echo "setup-env: building $CLIENTS_VENV (LlamaIndex, LiteLLM)"
-  python3 -m venv "$CLIENTS_VENV"
-  "$CLIENTS_VENV/bin/python" -m pip --disable-pip-version-check -q install \
-    "llama-index-llms-openai-like>=0.8" "llama-index-embeddings-openai-like>=0.4" "litellm>=1.70"
-fi
 # The status-page test drives a real browser: Debian's Chromium (Playwright's own browser
 # downloads are not used). Installed when missing and this runs as root; else that test skips.
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -5,6 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-env.sh
+# Client libraries that pin an older openai than vLLM's get an environment of their own; the
+# client tests run their scripts (tests/integration/clients/) with its python.
+CLIENTS_VENV=.venv-clients  # where tests/integration/test_clients.py looks for it
+if ! LITELLM_LOCAL_MODEL_COST_MAP=True "$CLIENTS_VENV/bin/python" -c "import litellm, llama_index.llms.openai_like, llama_index.embeddings.openai_like" 2>/dev/null; then
+  echo "test.sh: building $CLIENTS_VENV (LlamaIndex, LiteLLM)"
+  python3 -m venv "$CLIENTS_VENV"
+  "$CLIENTS_VENV/bin/python" -m pip --disable-pip-version-check -q install \
+    "llama-index-llms-openai-like>=0.8" "llama-index-embeddings-openai-like>=0.4" "litellm>=1.70"
+fi
 export PYTHONUNBUFFERED=1
 set +e
 .venv/bin/python -m pytest "$@"
