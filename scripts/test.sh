@@ -8,7 +8,8 @@ scripts/setup-env.sh
 # Client libraries that pin an older openai than vLLM's get an environment of their own; the
 # client tests run their scripts (tests/integration/clients/) with its python.
 CLIENTS_VENV=.venv-clients  # where tests/integration/test_clients.py looks for it
-if ! LITELLM_LOCAL_MODEL_COST_MAP=True "$CLIENTS_VENV/bin/python" -c "import litellm, llama_index.llms.openai_like, llama_index.embeddings.openai_like" 2>/dev/null; then
+CLIENT_PACKAGES="litellm llama_index.llms.openai_like llama_index.embeddings.openai_like"
+if ! "$CLIENTS_VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in sys.argv[1:]))" $CLIENT_PACKAGES 2>/dev/null; then
   echo "test.sh: building $CLIENTS_VENV (LlamaIndex, LiteLLM)"
   python3 -m venv "$CLIENTS_VENV"
   "$CLIENTS_VENV/bin/python" -m pip --disable-pip-version-check -q install \
