@@ -135,20 +135,19 @@ class Discovery:
         if self._failure is not None:
             log.info("%s: %s resolves again", self.pool.name, self.name)
             self._failure = None
-        self.apply({self.name.address(ip): ip for ip in answer})
+        self.apply([self.name.address(ip) for ip in answer])
 
-    def apply(self, answer: dict[str, str]) -> None:
-        """``answer``: address (`ip:port`) -> ip, the replicas there should be."""
-        for address, ip in answer.items():
+    def apply(self, addresses: list[str]) -> None:
+        """``addresses``: the `ip:port` of each replica there should be, in the answer's order."""
+        for address in addresses:
             if address not in self.members:
-                self._join(address, ip)
-        for address in [a for a in self.members if a not in answer]:
+                self._join(address)
+        for address in [a for a in self.members if a not in addresses]:
             self._leave(self.members.pop(address))
 
-    def _join(self, address: str, ip: str) -> None:
-        host = f"[{ip}]" if ":" in ip else ip
+    def _join(self, address: str) -> None:
         replica = Replica(
-            url=f"{self.name.scheme}://{host}:{self.name.port}",
+            url=f"{self.name.scheme}://{address}",
             api_key=self.api_key,
             state=BackendState.JOINING,
             ejection=self.ejection,

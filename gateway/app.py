@@ -142,15 +142,14 @@ def _pools(
     pools = []
     checked: list[tuple[str, Replica, HealthPolicy]] = []
     for model in settings.models:
-        health = model.health
         if model.vllm is None:
-            key = model.api_key.get_secret_value() if model.api_key else None
+            key = _backend_key(model)
             replicas = [Replica(url=url, api_key=key) for url in model.endpoints]
             checked += [(model.name, replica, _health_policy(model)) for replica in replicas]
         else:
             replicas = supervisor.replicas(model.name)
         for replica in replicas:
-            replica.ejection = Ejection(after=health.eject_after, seconds=health.eject_seconds)
+            replica.ejection = _ejection(model)
         pool = ReplicaPool(
             model.name,
             replicas,
@@ -173,7 +172,6 @@ def _discoveries(
     for model, pool in zip(settings.models, pools, strict=True):
         if model.discover is None:
             continue
-        health = model.health
         found.append(
             Discovery(
                 pool,
@@ -181,13 +179,22 @@ def _discoveries(
                 model.discover.interval,
                 health_checker,
                 _health_policy(model),
-                api_key=model.api_key.get_secret_value() if model.api_key else None,
-                ejection=Ejection(after=health.eject_after, seconds=health.eject_seconds),
+                api_key=_backend_key(model),
+                ejection=_ejection(model),
                 resolver=resolver,
                 on_removed=lambda replica: clients.forget(replica.url),
             )
         )
     return found
+
+
+def _backend_key(model: ModelSettings) -> str | None:
+    """The key a connect-mode model's servers expect, if any."""
+    return model.api_key.get_secret_value() if model.api_key else None
+
+
+def _ejection(model: ModelSettings) -> Ejection:
+    return Ejection(after=model.health.eject_after, seconds=model.health.eject_seconds)
 
 
 def _health_policy(model: ModelSettings) -> HealthPolicy:
