@@ -32,8 +32,9 @@ def model_from_json(body: bytes, content_type: str) -> tuple[str, dict[str, Any]
     return check_model(doc.get("model", _MISSING)), doc
 
 
-def model_from_multipart(body: bytes, content_type: str) -> str:
-    """The `model` form field of a multipart/form-data body, found without copying the file."""
+def model_from_multipart(body: bytes, content_type: str) -> tuple[str, slice]:
+    """The `model` form field of a multipart/form-data body, found without copying the file,
+    and where its value lies in the body (for an alias rewrite)."""
     boundary = _boundary(content_type)
     if boundary is None:
         raise UnsupportedMediaType(
@@ -53,7 +54,7 @@ def model_from_multipart(body: bytes, content_type: str) -> str:
             value_end = next_part if next_part != -1 else len(body)
             raw = body[head_end + 4 : value_end]
             try:
-                return check_model(raw.decode("utf-8"))
+                return check_model(raw.decode("utf-8")), slice(head_end + 4, value_end)
             except UnicodeDecodeError:
                 raise InvalidModel("`model` is not valid UTF-8.", param="model") from None
         start = -1 if next_part == -1 else next_part + 2

@@ -1,12 +1,16 @@
-"""Wait for the demo gateway's models, then show a chat, a stream, embeddings and a rerank."""
+"""Wait for the demo gateway's models, then show a chat, a stream, embeddings, a rerank, a chat
+with an image and a transcription."""
 
 from __future__ import annotations
 
+import base64
 import sys
 import time
 
 import httpx
 import openai
+
+from gateway.commands.tiny_media import png, wav
 
 base = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8000"
 client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
@@ -86,3 +90,25 @@ rerank = httpx.post(
 print("\nrerank:")
 for result in rerank["results"]:
     print(f"  {result['relevance_score']:.4f}  {result['document']['text']}")
+
+print("\ntiny-vision and tiny-whisper are on demand too (each starts on its first request)...")
+picture = "data:image/png;base64," + base64.b64encode(png()).decode()
+seen = client.with_options(timeout=600).chat.completions.create(
+    model="tiny-vision",
+    messages=[
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in the picture?"},
+                {"type": "image_url", "image_url": {"url": picture}},
+            ],
+        }
+    ],
+    max_tokens=8,
+    temperature=0,
+)
+print(f"  chat with a {len(png())}-byte PNG: {seen.choices[0].message.content!r}")
+heard = client.with_options(timeout=600).audio.transcriptions.create(
+    model="whisper-1", file=("tone.wav", wav(), "audio/wav"), language="en"
+)
+print(f"  transcription of a one-second tone: {heard.text[:60]!r}...")

@@ -6,13 +6,16 @@ first integration test wait for readiness. Two groups start together:
 
 - four connect-mode servers (chat, reasoner, embedder, reranker) the tests also call directly,
   to compare the gateway's answers with the backend's own;
-- two gateway processes in spawn mode, which start their own servers (one of them is killed
-  with SIGKILL by a test, to show that its vLLM server dies with it).
+- two gateway processes in spawn mode, which start their own servers: two replicas of a chat
+  model, and a Whisper model (`speech`: the audio tests use it, then a test kills that gateway
+  with SIGKILL, to show that its vLLM server dies with it).
 
 The chat server also serves a LoRA adapter (`sql`), and the spawned chat model may load
 adapters at runtime. A second tiny-chat server listens on 127.0.0.2 with the chat server's port:
-two "pods" of one model for the DNS discovery test, which stops it when done (so the on-demand
-tests that follow stay within the budget of eight servers at once).
+two "pods" of one model for the DNS discovery test. That makes eight servers, the budget at
+once, so later ones take a place that was given back: when the discovery test is done, the pod
+makes way for the BLIP-2 vision server (it starts then, in the background, and the vision tests
+stop it when done); the on-demand tests after those start one server at a time.
 
 Set VLLM_GATEWAY_TEST_URLS="tiny-chat=http://127.0.0.1:18001,..." to reuse running servers.
 """
@@ -62,6 +65,12 @@ BACKENDS: dict[str, tuple[str, dict[str, object]]] = {
 
 
 POD_HOST = "127.0.0.2"  # the second tiny-chat "pod": same port, another loopback address
+VISION_ARGS: dict[str, object] = {"max-model-len": 512}  # BLIP-2: one image per prompt
+SPEECH_ARGS: dict[str, object] = {"max-model-len": 128}  # the tiny Whisper's context
+# vLLM's own limit on an audio upload, below the speech gateway's body limit: which one answers
+# depends on the size (tests/integration/test_media.py).
+SPEECH_ENV = {"VLLM_MAX_AUDIO_CLIP_FILESIZE_MB": "1"}
+SPEECH_MAX_BODY = 2 * 1024 * 1024
 
 # Eager mode: no torch.compile warm-up. `uni`: the model runs in the engine core process instead
 # of a worker process of its own, one Python start-up less (API server and engine core remain).
@@ -93,14 +102,47 @@ def spec_for(name: str, kind: str, args: dict[str, object], core: int) -> VllmSp
 
 
 @dataclass
+class LateServer:
+    """A server that holds a place in the budget only while a test needs it."""
+
+    name: str
+    url: str
+    command: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None  # under its reaper
+
+    @property
+    def log(self) -> Path:
+        return ARTIFACTS / f"vllm-{self.name}.log"
+
+    def start(self) -> None:
+        """Start it (or start it again, once it is gone); a running one is left as it is."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = _launch(self.command, self.log, self.env)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+
+    def wait_ready(self, model: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while not _serves(self.url, model):
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} is not running; see {self.log}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} not ready after {timeout}s")
+            time.sleep(1)
+        return self.url
+
+
+@dataclass
 class VllmRig:
     urls: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     spawned: dict[str, GatewayProcess] = field(default_factory=dict)
     started: bool = False
-    pod: subprocess.Popen[bytes] | None = None  # tiny-chat on POD_HOST, under its reaper
-    pod_url: str = ""
-    _pod_launch: tuple[list[str], dict[str, str]] = ([], {})
+    late: dict[str, LateServer] = field(default_factory=dict)  # "pod", "vision"
 
     def start(self) -> None:
         """Start everything and return at once; ``wait_ready`` blocks."""
@@ -120,9 +162,16 @@ class VllmRig:
                 self.urls[name] = f"http://127.0.0.1:{port}"
         chat_port = int(self.urls["tiny-chat"].rsplit(":", 1)[1])
         kind, args = BACKENDS["tiny-chat"]
-        spec = spec_for("tiny-chat", kind, args, core=1)
-        self._pod_launch = (spec.command(chat_port, api_key=None, host=POD_HOST), dict(spec.env))
-        self.pod_url = f"http://{POD_HOST}:{chat_port}"
+        pod = spec_for("tiny-chat", kind, args, core=1)
+        pod_command = pod.command(chat_port, api_key=None, host=POD_HOST)
+        pod_url = f"http://{POD_HOST}:{chat_port}"
+        self.late["pod"] = LateServer("tiny-chat-pod", pod_url, pod_command, dict(pod.env))
+        vision = spec_for("tiny-vision", "vision", VISION_ARGS, core=0)
+        port = free_port()
+        vision_url = f"http://127.0.0.1:{port}"
+        self.late["vision"] = LateServer(
+            "tiny-vision", vision_url, vision.command(port, api_key=None), dict(vision.env)
+        )
         self.start_pod()
         # One config mixing both modes: a spawned chat model (two replicas) and the rig's
         # embedder.
@@ -140,27 +189,49 @@ class VllmRig:
                 {"name": "tiny-embed", "url": self.urls["tiny-embed"]},
             ],
         )
-        self._spawn_gateway(
-            "doomed", [_spawned("doomed-embed", "embed", [], core=1, runner="pooling")]
-        )
+        speech = _spawned("tiny-whisper", "audio", ["whisper-1"], core=1, **SPEECH_ARGS)
+        speech["vllm"]["env"].update(SPEECH_ENV)  # type: ignore[index]
+        self._spawn_gateway("speech", [speech], max_body_bytes=SPEECH_MAX_BODY)
+
+    @property
+    def pod(self) -> subprocess.Popen[bytes] | None:
+        return self.late["pod"].proc
+
+    @property
+    def pod_url(self) -> str:
+        return self.late["pod"].url
 
     def start_pod(self) -> None:
         """Start (or start again, once it is gone) the second tiny-chat "pod"."""
-        assert self.pod is None or self.pod.poll() is not None, "the pod still runs"
-        cmd, env = self._pod_launch
-        self.pod = _launch(cmd, ARTIFACTS / "vllm-tiny-chat-pod.log", env)
+        self.late["vision"].stop()
+        self.late["pod"].start()
 
     def stop_pod(self) -> None:
-        if self.pod is not None and self.pod.poll() is None:
-            self.pod.send_signal(signal.SIGTERM)
-            self.pod.wait(60)
+        self.late["pod"].stop()
 
-    def _spawn_gateway(self, label: str, models: list[dict[str, object]]) -> None:
+    def start_vision(self) -> None:
+        """In the pod's place: the discovery test calls this when done, ahead of the vision
+        tests."""
+        self.late["pod"].stop()
+        self.late["vision"].start()
+
+    def vision(self) -> str:
+        """The vision server's URL, once it serves (started here if nobody did)."""
+        self.start_vision()
+        return self.late["vision"].wait_ready("tiny-vision", min(READY_TIMEOUT, 290))
+
+    def stop_vision(self) -> None:
+        self.late["vision"].stop()
+
+    def _spawn_gateway(
+        self, label: str, models: list[dict[str, object]], **settings: object
+    ) -> None:
         config = {
             "launcher": ["python", "-m", "vllm.entrypoints.openai.api_server"],
             "log_dir": str(ARTIFACTS / f"spawned-{label}"),
             "api_keys": [{"name": "ops", "key": "sk-spawn", "admin": True}],
             "models": models,
+            **settings,
         }
         self.spawned[label] = GatewayProcess(config, ARTIFACTS)
 
@@ -176,14 +247,8 @@ class VllmRig:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{name} not ready after {READY_TIMEOUT}s")
                 time.sleep(1)
-        while self.pod is not None and not _serves(self.pod_url, "tiny-chat"):
-            if self.pod.poll() is not None:
-                raise RuntimeError(
-                    f"the tiny-chat pod exited; see {ARTIFACTS}/vllm-tiny-chat-pod.log"
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the tiny-chat pod not ready after {READY_TIMEOUT}s")
-            time.sleep(1)
+        if self.pod is not None:
+            self.late["pod"].wait_ready("tiny-chat", deadline - time.monotonic())
         # Spawned models too: a server still warming up starves the others on 2 cores.
         for label, gw in self.spawned.items():
             for model in gw.config["models"]:
@@ -197,8 +262,7 @@ class VllmRig:
 
     def stop(self) -> None:
         procs = [*self.procs, *(g.proc for g in self.spawned.values())]
-        if self.pod is not None:
-            procs.append(self.pod)
+        procs += [late.proc for late in self.late.values() if late.proc is not None]
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

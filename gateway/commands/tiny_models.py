@@ -8,6 +8,7 @@ needs (head_dim 64). Their answers are nonsense; their wire format is exactly vL
     embed/     BERT encoder (served with --runner pooling)
     rerank/    BERT cross-encoder with one label (score and rerank)
     lora/      a rank-8 LoRA adapter of chat/ (q_proj and v_proj), non-zero: its answers differ
+    vision/    BLIP-2 (chat with an image), audio/ Whisper (transcriptions): see tiny_media.py
 
 Needs torch, transformers and tokenizers: the `cpu` extra of this project brings them.
 """
@@ -24,7 +25,7 @@ from typing import Any
 VOCAB_SIZE = 2048
 HIDDEN = 128
 HEADS = 2  # head_dim = 64: vLLM's CPU attention needs 32 or more
-KINDS = ("chat", "embed", "rerank", "lora")
+KINDS = ("chat", "embed", "rerank", "lora", "vision", "audio")
 LORA_RANK = 8
 SENTENCE_TRANSFORMERS = "config_sentence_transformers.json"  # an embedder's input-type prompts
 
@@ -59,12 +60,16 @@ def corpus(lines: int = 4000, seed: int = 0) -> list[str]:
 
 def build_all(out_dir: str | Path, kinds: tuple[str, ...] = KINDS) -> dict[str, Path]:
     """Build (or reuse) each kind under ``out_dir``; returns kind -> model directory."""
+    from gateway.commands.tiny_media import build_audio, build_vision  # they import this module
+
     out = Path(out_dir)
     builders = {
         "chat": build_chat,
         "embed": build_embedder,
         "rerank": build_reranker,
         "lora": build_lora,
+        "vision": build_vision,
+        "audio": build_audio,
     }
     built = {}
     for kind in kinds:
@@ -74,6 +79,8 @@ def build_all(out_dir: str | Path, kinds: tuple[str, ...] = KINDS) -> dict[str, 
             done = ("adapter_config.json",)
         elif kind == "embed":
             done += (SENTENCE_TRANSFORMERS,)
+        elif kind in ("vision", "audio"):
+            done += ("processor_config.json",)
         if not all((target / name).exists() for name in done):
             builders[kind](target)
         built[kind] = target
@@ -149,7 +156,7 @@ def build_chat(target: Path) -> None:
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         dtype="float32",
     )
-    _save(Qwen2ForCausalLM(config), tokenizer, target)
+    save_model(Qwen2ForCausalLM(config), tokenizer, target)
 
 
 def _bert_tokenizer() -> Any:
@@ -199,7 +206,7 @@ def build_embedder(target: Path) -> None:
 
     tokenizer = _bert_tokenizer()
     torch.manual_seed(1)
-    _save(BertModel(_bert_config(tokenizer), add_pooling_layer=False), tokenizer, target)
+    save_model(BertModel(_bert_config(tokenizer), add_pooling_layer=False), tokenizer, target)
     prompts = {"search_query": "query: ", "search_document": "passage: "}
     (target / SENTENCE_TRANSFORMERS).write_text(json.dumps({"prompts": prompts}) + "\n")
 
@@ -211,10 +218,10 @@ def build_reranker(target: Path) -> None:
     tokenizer = _bert_tokenizer()
     torch.manual_seed(2)
     config = _bert_config(tokenizer, num_labels=1, id2label={0: "LABEL_0"})
-    _save(BertForSequenceClassification(config), tokenizer, target)
+    save_model(BertForSequenceClassification(config), tokenizer, target)
 
 
-def _save(model: Any, tokenizer: Any, target: Path) -> None:
+def save_model(model: Any, tokenizer: Any, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)

@@ -64,7 +64,15 @@ def multipart(fields: dict[str, bytes], boundary: str = "b0undary") -> tuple[byt
 
 def test_model_is_read_from_a_multipart_form_after_the_file() -> None:
     body, content_type = multipart({"file": b"RIFF\r\n\r\n--not-a-boundary", "model": b"whisper"})
-    assert model_from_multipart(body, content_type) == "whisper"
+    model, value = model_from_multipart(body, content_type)
+    assert model == "whisper" and body[value] == b"whisper"
+
+
+def test_the_model_field_can_be_renamed_in_place_for_an_alias() -> None:
+    body, content_type = multipart({"model": b"whisper-1", "file": b"RIFF", "language": b"en"})
+    _, value = model_from_multipart(body, content_type)
+    renamed = body[: value.start] + b"tiny-whisper" + body[value.stop :]
+    assert renamed == multipart({"model": b"tiny-whisper", "file": b"RIFF", "language": b"en"})[0]
 
 
 def test_multipart_without_model_is_400() -> None:

@@ -22,6 +22,14 @@ def embed(gw: GatewayProcess, model: str) -> httpx.Response:
     )
 
 
+def transcribe(gw: GatewayProcess, model: str) -> httpx.Response:
+    from gateway.commands.tiny_media import wav
+
+    files = {"file": ("tone.wav", wav(0.5), "audio/wav")}
+    url = f"{gw.url}/v1/audio/transcriptions"
+    return httpx.post(url, data={"model": model}, files=files, headers=AUTH, timeout=60)
+
+
 def ok(call: object) -> bool:
     try:
         return call().status_code == 200  # type: ignore[operator]

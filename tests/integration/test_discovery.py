@@ -91,7 +91,7 @@ def pods(rig: VllmRig) -> Iterator[tuple[GatewayServer, Dns, str]]:
         yield gateway, dns, f"{POD_HOST}:{port}"
     finally:
         gateway.close()
-        rig.stop_pod()  # the on-demand tests after this one start servers of their own
+        rig.start_vision()  # in the pod's place, ahead of test_media.py
 
 
 def states(url: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from tests.helpers import wait_until
-from tests.integration.spawned import AUTH, chat, embed, ok, vllm_servers
+from tests.integration.spawned import AUTH, chat, ok, transcribe, vllm_servers
 from tests.servers import alive, descendants
 from tests.vllm_rig import READY_TIMEOUT, VllmRig
 
@@ -46,9 +46,10 @@ def test_sigterm_to_gateway_stops_every_vllm_process(rig: VllmRig) -> None:
 
 
 def test_sigkill_to_gateway_stops_every_vllm_process(rig: VllmRig) -> None:
-    gw = rig.spawned["doomed"]
+    """The speech gateway (test_media.py is done with it)."""
+    gw = rig.spawned["speech"]
     wait_until(
-        lambda: ok(lambda: embed(gw, "doomed-embed")), READY_TIMEOUT, "doomed-embed", every=1
+        lambda: ok(lambda: transcribe(gw, "tiny-whisper")), READY_TIMEOUT, "whisper", every=1
     )
     family = descendants(gw.proc.pid)
     assert len(vllm_servers(gw)) == 1 and len(family) >= 3  # reaper, server, engine core
