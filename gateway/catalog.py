@@ -14,7 +14,6 @@ import asyncio
 import time
 from typing import Any
 
-import aiohttp
 import orjson
 
 from backends.pool import ReplicaPool
@@ -22,8 +21,6 @@ from gateway import waits
 from gateway.errors import GatewayError
 from gateway.routing import RouteTable
 from gateway.upstream import UpstreamClients, upstream_errors
-
-LOOKUP_TIMEOUT = aiohttp.ClientTimeout(total=waits.MODEL_LOOKUP)
 
 
 class ModelCatalog:
@@ -69,16 +66,15 @@ class ModelCatalog:
         replica = pool.pick()
         if replica is None:
             return
-        headers = {"Authorization": f"Bearer {replica.api_key}"} if replica.api_key else {}
-        session = self.clients.session(replica.url, replica.uds)
+        headers = [("Authorization", f"Bearer {replica.api_key}")] if replica.api_key else []
         try:
             with upstream_errors(pool.name):
-                async with session.get(
-                    replica.url + "/v1/models", headers=headers, timeout=LOOKUP_TIMEOUT
-                ) as response:
-                    if response.status != 200:
-                        return
-                    doc = orjson.loads(await response.read())
+                status, _, body = await self.clients.get(
+                    replica.url, replica.uds, "/v1/models", headers, waits.MODEL_LOOKUP
+                )
+                if status != 200:
+                    return
+                doc = orjson.loads(body)
         except GatewayError:
             return  # listed without its context length; asked again next time
         cards = doc.get("data") if isinstance(doc, dict) else None

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 
-import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
@@ -39,8 +38,6 @@ from gateway.request import read_head
 from gateway.status import StatusReport
 from gateway.telemetry import Telemetry
 from gateway.upstream import UpstreamClients, upstream_errors
-
-BACKEND_METRICS_TIMEOUT = aiohttp.ClientTimeout(total=waits.BACKEND_METRICS)
 
 
 @dataclass(frozen=True)
@@ -134,14 +131,11 @@ async def _backend_metrics(parts: ControlParts, model: str, name: str) -> Respon
             f"Replica {name} of model {model!r} does not answer.",
             retry_after=waits.RETRY_UNREACHABLE,
         )
-    session = parts.clients.session(replica.url, replica.uds)
     with upstream_errors(model):
-        async with session.get(
-            replica.url + "/metrics", timeout=BACKEND_METRICS_TIMEOUT
-        ) as upstream:
-            body = await upstream.read()
-            media_type = upstream.headers.get("content-type", CONTENT_TYPE_LATEST)
-            return Response(body, status_code=upstream.status, media_type=media_type)
+        status, content_type, body = await parts.clients.get(
+            replica.url, replica.uds, "/metrics", [], waits.BACKEND_METRICS
+        )
+    return Response(body, status_code=status, media_type=content_type or CONTENT_TYPE_LATEST)
 
 
 def error_response(error: GatewayError, request: Request) -> Response:

@@ -5,7 +5,7 @@ The body is forwarded as it came; the relay re-encodes it only where it must cha
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -58,15 +58,19 @@ def model_from_multipart(body: bytes, content_type: str) -> tuple[str, slice]:
             except UnicodeDecodeError:
                 raise InvalidModel("`model` is not valid UTF-8.", param="model") from None
         start = -1 if next_part == -1 else next_part + 2
-    return check_model(_MISSING)
+    _no_model()
 
 
 _MISSING: Any = object()
 
 
+def _no_model() -> NoReturn:
+    raise InvalidModel("You must provide a `model` parameter.", param="model")
+
+
 def check_model(model: Any) -> str:
     if model is _MISSING or model is None:
-        raise InvalidModel("You must provide a `model` parameter.", param="model")
+        _no_model()
     if not isinstance(model, str):
         raise InvalidModel(f"`model` must be a string, not {type(model).__name__}.", param="model")
     if not model:

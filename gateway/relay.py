@@ -14,9 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
-from aiohttp.payload import BytesPayload
 
 from backends.on_demand import OnDemandModel, Unavailable
 from backends.pool import Lease, Replica, ReplicaPool
@@ -30,6 +28,7 @@ from gateway.errors import (
     send_error,
     sse_error_event,
 )
+from gateway.h1 import Response
 from gateway.interrupt import Interrupter, Reason, deadline_sweeper
 from gateway.key_limits import KeyLimiter
 from gateway.keys import SCOPE_KEY, ApiKey
@@ -39,7 +38,13 @@ from gateway.request import RequestHead, read_body, read_head
 from gateway.routing import MULTIPART_PATHS, RouteTable
 from gateway.telemetry import Telemetry
 from gateway.types import Receive, Scope, Send
-from gateway.upstream import UpstreamClients, downstream_headers, translate, upstream_headers
+from gateway.upstream import (
+    UpstreamClients,
+    downstream_headers,
+    target,
+    translate,
+    upstream_headers,
+)
 from gateway.usage import TAIL_BYTES, UsageStripper, ask_for_usage, find_usage
 
 CLIENT_CLOSED = 499  # nginx's status for a request whose client left first (logs and metrics)
@@ -123,9 +128,12 @@ class Relay:
             return None  # the client left while sending
         path, allowed = scope["path"], key.models if key is not None else None
         if path in MULTIPART_PATHS:
-            route = self.table.resolve(model_from_multipart(body, head.content_type), allowed)
+            model, value = model_from_multipart(body, head.content_type)
+            route = self.table.resolve(model, allowed)
             record.model = route.name
             pool = route.pool
+            if route.via_alias:  # the backend knows the canonical name only
+                body = body[: value.start] + pool.name.encode() + body[value.stop :]
             return _Job(pool, body, None, _affinity(pool, {}, scope), route.adapter)
         model, doc = model_from_json(body, head.content_type)
         route = self.table.resolve(model, allowed)
@@ -150,7 +158,7 @@ class Relay:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task(loop)
         guard = Interrupter(task, scope, receive, loop, self.deadlines)  # type: ignore[arg-type]
-        response: aiohttp.ClientResponse | None = None
+        response: Response | None = None
         lease: Lease | None = None
         started = completed = False
         try:
@@ -221,7 +229,7 @@ class Relay:
 
     async def _open(
         self, scope: Scope, job: _Job, head: RequestHead, record: RequestRecord
-    ) -> tuple[aiohttp.ClientResponse, Lease, Replica]:
+    ) -> tuple[Response, Lease, Replica]:
         """Send the request to a replica; one that cannot be reached is skipped for the next.
 
         Only failures before any response (refused, reset before headers) are retried, so a
@@ -231,16 +239,11 @@ class Relay:
         while True:
             replica = _pick(job.pool, tried, job.affinity, job.adapter, self.limits)
             headers = upstream_headers(scope["headers"], replica.api_key, record.request_id)
-            session = self.clients.session(replica.url, replica.uds)
+            pool = self.clients.pool(replica.url, replica.uds)
             lease = replica.lease(job.pool)
             try:
-                url = self.clients.url(replica.url, scope["path"], scope["query_string"])
-                response = await session.post(
-                    url,
-                    data=BytesPayload(job.body),
-                    headers=headers,
-                    allow_redirects=False,  # a redirect is the client's to follow
-                )
+                path = target(scope["path"], scope["query_string"])
+                response = await pool.request("POST", path, headers, job.body)
             except BaseException as exc:
                 lease.release()
                 error = translate(exc, job.pool.name) if isinstance(exc, Exception) else None
@@ -256,7 +259,7 @@ class Relay:
 
     async def _pump(
         self,
-        response: aiohttp.ClientResponse,
+        response: Response,
         send: Send,
         guard: Interrupter,
         job: _Job,
@@ -264,9 +267,8 @@ class Relay:
     ) -> None:
         """Relay the body as it arrives. Per chunk: a clock read and a send, nothing else."""
         stripper = job.stripper if record.stream else None
-        content = response.content
         previous = last = b""
-        while chunk := await content.readany():
+        while chunk := await response.readany():
             guard.touch()
             if stripper is not None and not (chunk := stripper.feed(chunk)):
                 continue

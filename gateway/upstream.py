@@ -1,10 +1,9 @@
-"""The upstream HTTP client: one keep-alive aiohttp session per backend URL.
-
-aiohttp, not httpx, carries the relay: it relays several times the requests per second
-(load/floor.py). aiohttp's exceptions are turned into gateway errors here and
-nowhere else: ``translate`` maps one, and ``upstream_errors`` wraps every call into aiohttp made
-outside the relay's own loop (the model catalog, the backend-metrics relay), as httpx's
-``map_httpcore_exceptions`` does.
+"""The gateway's side of its HTTP client (gateway/h1.py): one pool per backend URL, the
+headers that cross in each direction, and the one place where the client's exceptions become
+gateway errors: ``translate`` maps one, and ``upstream_errors`` wraps every call made outside
+the relay's own loop (the model catalog, the backend-metrics relay), as httpx's
+``map_httpcore_exceptions`` does. Health checks and load scrapes use httpx (backends/), off the
+request path.
 """
 
 from __future__ import annotations
@@ -13,11 +12,9 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
-import aiohttp
-import yarl
-
 from gateway import waits
 from gateway.errors import BackendUnavailable, BadGateway, GatewayError, GatewayTimeout
+from gateway.h1 import ClosedEarly, ConnectFailed, Malformed, Pool, Response, UpstreamError
 
 # RFC 9110 §7.6.1 connection-specific headers, plus what the gateway sets itself.
 HOP_BY_HOP = frozenset(
@@ -45,78 +42,78 @@ _NOT_FORWARDED_DOWN = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
 
 
 class UpstreamClients:
-    """Sessions are created on first use, inside the running loop, and closed by the lifespan."""
+    """Pools are created on first use, inside the running loop, and closed by the lifespan."""
 
     def __init__(self, connect_timeout: float) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout)
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
-        self._urls: dict[tuple[str, str], yarl.URL] = {}
+        self.connect_timeout = connect_timeout
+        self._pools: dict[str, Pool] = {}
 
-    def url(self, base_url: str, path: str, query: bytes) -> yarl.URL:
-        """The backend's URL for a path, parsed once per backend and path, not per request."""
-        if query:
-            return yarl.URL(f"{base_url}{path}?{query.decode('latin-1')}")
-        url = self._urls.get((base_url, path))
-        if url is None:
-            url = self._urls[(base_url, path)] = yarl.URL(base_url + path)
-        return url
-
-    def session(self, base_url: str, uds: str | None = None) -> aiohttp.ClientSession:
-        """The session of one backend; ``uds``: the unix socket it listens on, if it does."""
-        session = self._sessions.get(base_url)
-        if session is None:
-            connector: aiohttp.BaseConnector
-            if uds is not None:
-                connector = aiohttp.UnixConnector(
-                    path=uds, limit=0, keepalive_timeout=waits.UPSTREAM_KEEPALIVE
-                )
-            else:
-                connector = aiohttp.TCPConnector(
-                    limit=0, keepalive_timeout=waits.UPSTREAM_KEEPALIVE, ttl_dns_cache=300
-                )
-            session = aiohttp.ClientSession(
-                base_url=None,
-                connector=connector,
-                timeout=self._timeout,
-                auto_decompress=False,  # relay bytes exactly as the backend sent them
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-                # A session shared by every client must not keep one client's cookies.
-                cookie_jar=aiohttp.DummyCookieJar(),
+    def pool(self, base_url: str, uds: str | None = None) -> Pool:
+        """The pool of one backend; ``uds``: the unix socket it listens on, if it does."""
+        pool = self._pools.get(base_url)
+        if pool is None:
+            pool = self._pools[base_url] = Pool(
+                base_url,
+                uds=uds,
+                connect_timeout=self.connect_timeout,
+                keepalive=waits.UPSTREAM_KEEPALIVE,
             )
-            self._sessions[base_url] = session
-        return session
+        return pool
+
+    async def get(
+        self,
+        base_url: str,
+        uds: str | None,
+        path: str,
+        headers: list[tuple[str, str]],
+        timeout: float,
+    ) -> tuple[int, str, bytes]:
+        """A whole small response (status, content type, body) of a GET; upstream errors are
+        UpstreamError, for ``upstream_errors`` to translate."""
+        async with asyncio.timeout(timeout):
+            response = await self.pool(base_url, uds).request("GET", path, headers)
+            try:
+                body = await response.read()
+            except BaseException:
+                response.close()
+                raise
+            response.release()
+            return response.status, response.content_type, body
 
     async def forget(self, base_url: str) -> None:
         """Close what was kept for a backend that is gone for good (a discovered pod that
         left: the next one has another address, so nothing would ever reuse it)."""
-        self._urls = {key: url for key, url in self._urls.items() if key[0] != base_url}
-        session = self._sessions.pop(base_url, None)
-        if session is not None:
-            await session.close()
+        pool = self._pools.pop(base_url, None)
+        if pool is not None:
+            pool.close()
 
     async def aclose(self) -> None:
-        sessions, self._sessions = list(self._sessions.values()), {}
-        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+
+
+def target(path: str, query: bytes) -> str:
+    """The request target a backend gets: the client's path and query, as sent."""
+    return f"{path}?{query.decode('latin-1')}" if query else path
 
 
 def upstream_headers(
     client_headers: list[tuple[bytes, bytes]], backend_key: str | None, request_id: str
-) -> dict[str, str]:
+) -> list[tuple[str, str]]:
     """Client headers minus hop-by-hop ones and the client's credentials."""
-    headers = {
-        k.decode("latin-1"): v.decode("latin-1")
+    headers = [
+        (k.decode("latin-1"), v.decode("latin-1"))
         for k, v in client_headers
         if k.lower() not in _NOT_FORWARDED_UP
-    }
-    headers["X-Request-Id"] = request_id
+    ]
+    headers.append(("X-Request-Id", request_id))
     if backend_key:
-        headers["Authorization"] = f"Bearer {backend_key}"
+        headers.append(("Authorization", f"Bearer {backend_key}"))
     return headers
 
 
-def downstream_headers(
-    upstream: aiohttp.ClientResponse, request_id: bytes
-) -> list[tuple[bytes, bytes]]:
+def downstream_headers(upstream: Response, request_id: bytes) -> list[tuple[bytes, bytes]]:
     headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in _NOT_FORWARDED_DOWN]
     headers.append((b"x-request-id", request_id))
     return headers
@@ -124,12 +121,12 @@ def downstream_headers(
 
 @contextlib.contextmanager
 def upstream_errors(model: str) -> Iterator[None]:
-    """Calls into aiohttp inside this block raise gateway errors only."""
+    """Calls into the client inside this block raise gateway errors only."""
     try:
         yield
     except GatewayError:
         raise
-    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+    except (UpstreamError, OSError, TimeoutError, ValueError) as exc:
         raise translate(exc, model) from exc
 
 
@@ -140,19 +137,21 @@ def translate(exc: BaseException, model: str, *, started: bool = False) -> Gatew
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         what = "stopped sending" if started else "did not answer in time"
         return GatewayTimeout(f"The backend for model {model!r} {what}.")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectFailed):
         return BackendUnavailable(
-            f"The backend for model {model!r} is unreachable ({exc.os_error.strerror or exc}).",
+            f"The backend for model {model!r} is unreachable ({exc}).",
             retry_after=waits.RETRY_UNREACHABLE,
         )
-    if isinstance(exc, aiohttp.ClientConnectionError | OSError) and not started:
+    if isinstance(exc, Malformed):
+        return BadGateway(f"The backend for model {model!r} sent a malformed response.")
+    if isinstance(exc, ClosedEarly | OSError) and not started:
         # Refused, reset or closed before any answer, typically a kept-alive connection to a
         # server that just died: the client should retry, so 503 rather than 502.
         return BackendUnavailable(
             f"The backend for model {model!r} closed the connection before answering.",
             retry_after=waits.RETRY_UNREACHABLE,
         )
-    if isinstance(exc, aiohttp.ClientError | OSError):
+    if isinstance(exc, UpstreamError | OSError):
         return BadGateway(
             f"The backend for model {model!r} failed mid-response ({type(exc).__name__})."
         )
