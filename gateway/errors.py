@@ -29,7 +29,7 @@ vLLM writes its own there, so Anthropic's SDK raises its usual exceptions.
     │   └── ModelNotStarted           503   code model_not_started (on-demand; Retry-After)
     └── GatewayTimeout                504 timeout_error / upstream_timeout
 
-Errors of the HTTP client (gateway/h1.py, the layer below) are translated into these in
+Errors of the HTTP client (gateway/h1/, the layer below) are translated into these in
 ``gateway.upstream`` only.
 """
 

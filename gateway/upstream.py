@@ -1,4 +1,4 @@
-"""The gateway's side of its HTTP client (gateway/h1.py): one pool per backend URL, the
+"""The gateway's side of its HTTP client (gateway/h1/): one pool per backend URL, the
 headers that cross in each direction, and the one place where the client's exceptions become
 gateway errors: ``translate`` maps one, and ``upstream_errors`` wraps every call made outside
 the relay's own loop (the model catalog, the backend-metrics relay), as httpx's

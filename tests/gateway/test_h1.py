@@ -162,6 +162,18 @@ async def test_an_idle_connection_the_server_closed_is_retried_on_a_fresh_one(se
     assert server.connections == 2 and len(server.requests) == 2
 
 
+async def test_bytes_nobody_asked_for_are_never_taken_for_the_next_answer(serve: Serve) -> None:
+    evil = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!"
+    server, pool = await serve(always(OK, 0.05, evil))  # sent while the connection is idle
+    response = await pool.request("POST", "/", [], b"{}")
+    assert await response.read() == b"hello"
+    response.release()
+    await asyncio.sleep(0.2)
+    again = await pool.request("POST", "/", [], b"{}")
+    assert await again.read() == b"hello"
+    assert server.connections == 2  # the first one was dropped when the stray answer came
+
+
 async def test_a_reused_connection_reset_after_response_bytes_is_not_retried(serve: Serve) -> None:
     broken = b"HTTP/1.1 200 OK\r\nContent-Len"
     server, pool = await serve(lambda n, request: [OK] if n == 1 else [broken, None])
