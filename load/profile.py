@@ -1,0 +1,106 @@
+"""Where the gateway's CPU goes, per request: py-spy samples the gateway (on CPU 1, as in
+load/bench.py) while the load client drives one scenario; self time is summed by the layer its
+code belongs to and turned into microseconds per request with the CPU time measured meanwhile.
+
+    .venv/bin/python load/profile.py [--scenario "chat c=64"] [--seconds 8]
+                                     # load/results/profile-<date>.md (needs py-spy: .[bench])
+
+The sampler slows what it samples a little, so the shares matter more than the sum; the
+µs/request column divides the run's measured CPU per request by those shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import FAKE_PORT, TARGET_PORT, measure, scenarios
+from peers import ROOT, start_fake, start_gateway
+
+# (layer, what a frame's file path contains), first match wins
+LAYERS = [
+    ("HTTP client (gateway/h1)", "gateway/h1/"),
+    ("relay and its checks (gateway/)", "/gateway/"),
+    ("backends/ (pool, balancing)", "/backends/"),
+    ("uvicorn (server side, httptools)", "/uvicorn/"),
+    ("httptools parser", "httptools"),
+    ("prometheus_client (metrics)", "prometheus_client"),
+    ("logging (access log)", "/logging/"),
+    ("asyncio event loop", "/asyncio/"),
+    ("uvloop", "uvloop"),
+    ("orjson", "orjson"),
+]
+
+
+def layer(frame: str) -> str:
+    for name, marker in LAYERS:
+        if marker in frame:
+            return name
+    return "other (" + frame.rsplit("(", 1)[-1].split(":")[0].rsplit("/", 1)[-1].rstrip(")") + ")"
+
+
+def self_time(raw: Path) -> collections.Counter[str]:
+    """py-spy's raw format: one collapsed stack a line, its sample count last."""
+    samples: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack:
+            samples[layer(stack.rsplit(";", 1)[-1])] += int(count)
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scenario", default="chat c=64")
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--out", default=str(ROOT / "load" / "results"))
+    args = parser.parse_args()
+    chosen = next(s for s in scenarios() if s.name == args.scenario)
+    raw = Path(tempfile.mkdtemp()) / "gateway.txt"
+    fake = start_fake(FAKE_PORT)
+    gateway = start_gateway(TARGET_PORT, fake.url)
+    try:
+        measure(gateway, chosen, 2)  # warm-up
+        spy = [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record", "--pid", str(gateway.pids[0]), "--rate", "500", "--format", "raw",
+            "--output", str(raw), "--duration", str(int(args.seconds)), "--nonblocking",
+        ]  # fmt: skip
+        sampler = threading.Thread(target=subprocess.run, args=(spy,), kwargs={"check": True})
+        sampler.start()
+        result = measure(gateway, chosen, args.seconds)
+        sampler.join()
+    finally:
+        gateway.stop()
+        fake.stop()
+    samples = self_time(raw)
+    total = sum(samples.values())
+    per_request = result["cpu_us_per_request"]
+    today = datetime.date.today().isoformat()
+    lines = [
+        f"# Where the gateway's CPU goes: {args.scenario}, {today}",
+        "",
+        f"`load/profile.py --scenario '{args.scenario}' --seconds {args.seconds:g}`: "
+        f"{result['rps']:.0f} rps, {per_request:.0f} µs of gateway CPU per request, "
+        f"{total} samples (py-spy, self time by layer).",
+        "",
+        "| layer | share | µs/request |",
+        "|---|---|---|",
+    ]
+    for name, count in samples.most_common():
+        share = count / total
+        lines.append(f"| {name} | {share:.1%} | {share * per_request:.0f} |")
+    out = Path(args.out) / f"profile-{today}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
