@@ -98,10 +98,11 @@ def start_gateway(port: int, upstream: str, workers: int = 1, root: Path = ROOT)
             subprocess.Popen(
                 pinned(cpu, [*cmd, "--port", str(port + i)]),
                 cwd=root,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stdout=open(path.parent / f"gateway-{port + i}.log", "wb"),  # noqa: SIM115
+                stderr=subprocess.STDOUT,
             )
         )
+    print(f"gateway log: {path.parent}/gateway-{port}.log", flush=True)
     name = "vllm-gateway" if workers == 1 else f"vllm-gateway x{workers}"
     target = Target(name, port, procs, {"Authorization": f"Bearer {BENCH_KEY}"})
     for i in range(workers):
