@@ -84,7 +84,10 @@ def start_gateway(port: int, upstream: str, workers: int = 1, root: Path = ROOT)
     checkout whose code runs (load/ab.py compares two).
     """
     config = {
-        "models": [{"name": "fake", "url": upstream}],
+        # Lenient health checks: the one fake serves every target, and another target's 1,000
+        # streams can hold its /health past the default 2 s timeout; the gateway would then
+        # rightly mark it down and answer 503 in the next scenario (seen 2026-11-30).
+        "models": [{"name": "fake", "url": upstream, "health": {"timeout": 30}}],
         "api_keys": [BENCH_KEY],
         "log_level": "info",
     }
