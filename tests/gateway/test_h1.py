@@ -110,13 +110,19 @@ async def test_the_request_goes_out_as_one_head_with_host_length_and_headers(ser
     assert response.content_type == "application/json"
 
 
-async def test_a_content_length_body_and_the_connection_is_kept(serve: Serve) -> None:
-    server, pool = await serve(always(OK))
+CLOSE = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello"
+
+
+@pytest.mark.parametrize(("reply", "connections"), [(OK, 1), (CLOSE, 3)])
+async def test_a_connection_is_kept_unless_the_server_says_close(
+    serve: Serve, reply: bytes, connections: int
+) -> None:
+    server, pool = await serve(always(reply))
     for _ in range(3):
         response = await pool.request("POST", "/", [], b"{}")
         assert await response.read() == b"hello"
         response.release()
-    assert server.connections == 1
+    assert server.connections == connections
 
 
 async def test_a_chunked_body_arrives_chunk_by_chunk_as_sent(serve: Serve) -> None:
@@ -141,16 +147,6 @@ async def test_a_close_delimited_body_ends_with_the_connection(serve: Serve) -> 
     response.release()
     await (await pool.request("GET", "/", [])).read()
     assert server.connections == 2  # not reused: it is gone
-
-
-async def test_connection_close_from_the_server_is_not_reused(serve: Serve) -> None:
-    reply = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
-    server, pool = await serve(always(reply))
-    for _ in range(2):
-        response = await pool.request("POST", "/", [], b"{}")
-        assert await response.read() == b"ok"
-        response.release()
-    assert server.connections == 2
 
 
 async def test_an_idle_connection_the_server_closed_is_retried_on_a_fresh_one(serve: Serve) -> None:
