@@ -68,8 +68,8 @@ class UpstreamClients:
         headers: list[tuple[str, str]],
         timeout: float,
     ) -> tuple[int, str, bytes]:
-        """A whole small response (status, content type, body) of a GET; upstream errors are
-        UpstreamError, for ``upstream_errors`` to translate."""
+        """A whole small response (status, Content-Type as sent, body) of a GET; upstream
+        errors are UpstreamError, for ``upstream_errors`` to translate."""
         async with asyncio.timeout(timeout):
             response = await self.pool(base_url, uds).request("GET", path, headers)
             try:
@@ -78,7 +78,7 @@ class UpstreamClients:
                 response.close()
                 raise
             response.release()
-            return response.status, response.content_type, body
+            return response.status, response.header(b"content-type") or "", body
 
     async def forget(self, base_url: str) -> None:
         """Close what was kept for a backend that is gone for good (a discovered pod that

@@ -32,12 +32,20 @@ class Response:
         self.status = status
         self.raw_headers = raw_headers
 
+    def header(self, name: bytes) -> str | None:
+        """The first value of a header (``name`` in lower case)."""
+        for key, value in self.raw_headers:
+            if key.lower() == name:
+                return value.decode("latin-1")
+        return None
+
     @property
     def content_type(self) -> str:
-        for name, value in self.raw_headers:
-            if name.lower() == b"content-type":
-                return value.split(b";", 1)[0].strip().decode("latin-1").lower()
-        return "application/octet-stream"
+        """The media type alone, lower case: what the relay compares."""
+        value = self.header(b"content-type")
+        if value is None:
+            return "application/octet-stream"
+        return value.split(";", 1)[0].strip().lower()
 
     @property
     def complete(self) -> bool:

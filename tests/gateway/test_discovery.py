@@ -126,6 +126,7 @@ def test_a_pod_is_admitted_only_once_it_serves_and_an_outage_keeps_the_set(
             headers=OPS,
         )
         assert relayed.status_code == 200
+        assert relayed.headers["content-type"].startswith("text/plain; version=0.0.4")  # as sent
     finally:
         a.close()
         slow.close()
