@@ -20,11 +20,8 @@ import wave
 from pathlib import Path
 from typing import Any
 
-from gateway.commands.tiny_models import corpus, save_model
+from gateway.commands.tiny_models import HEADS, HIDDEN, VOCAB_SIZE, byte_bpe, save_model
 
-VOCAB_SIZE = 2048
-HIDDEN = 128
-HEADS = 2  # head_dim = 64: vLLM's CPU attention needs 32 or more
 IMAGE_SIZE = 28
 QUERY_TOKENS = 4
 SAMPLE_RATE = 16_000  # the only rate vLLM decodes without PyAV
@@ -38,22 +35,6 @@ VISION_TEMPLATE = (
 )
 
 
-def _byte_bpe(specials: list[str], vocab_size: int) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus(seed=3), trainer)
-    return tok
-
-
 def build_vision(target: Path) -> None:
     import torch
     from transformers import (
@@ -65,7 +46,7 @@ def build_vision(target: Path) -> None:
     )
 
     tokenizer = GPT2TokenizerFast(
-        tokenizer_object=_byte_bpe(["</s>", "<pad>", "<image>"], VOCAB_SIZE),
+        tokenizer_object=byte_bpe(["</s>", "<pad>", "<image>"], VOCAB_SIZE, seed=3),
         bos_token="</s>",
         eos_token="</s>",
         pad_token="<pad>",
@@ -135,7 +116,7 @@ def build_audio(target: Path) -> None:
     )
 
     specials = whisper_specials()
-    words = _byte_bpe(["<|endoftext|>"], VOCAB_SIZE)
+    words = byte_bpe(["<|endoftext|>"], VOCAB_SIZE, seed=3)
     words.add_special_tokens(specials)  # its constructor looks them up
     tokenizer = WhisperTokenizerFast(
         tokenizer_object=words,

@@ -115,24 +115,30 @@ def build_lora(target: Path) -> None:
     (target / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
-def build_chat(target: Path) -> None:
-    import torch
+def byte_bpe(specials: list[str], vocab_size: int, seed: int = 0) -> Any:
+    """A byte-level BPE tokenizer (GPT-2's kind) trained on ``corpus(seed=seed)``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - 8,
+        vocab_size=vocab_size,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer)
+    tok.train_from_iterator(corpus(seed=seed), trainer)
+    return tok
+
+
+def build_chat(target: Path) -> None:
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=byte_bpe(specials, VOCAB_SIZE - 8),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
