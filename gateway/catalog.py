@@ -20,7 +20,7 @@ from backends.pool import ReplicaPool
 from gateway import waits
 from gateway.errors import GatewayError
 from gateway.routing import RouteTable
-from gateway.upstream import UpstreamClients, upstream_errors
+from gateway.upstream import UpstreamClients, bearer, upstream_errors
 
 
 class ModelCatalog:
@@ -66,7 +66,7 @@ class ModelCatalog:
         replica = pool.pick()
         if replica is None:
             return
-        headers = [("Authorization", f"Bearer {replica.api_key}")] if replica.api_key else []
+        headers = [bearer(replica.api_key)] if replica.api_key else []
         try:
             with upstream_errors(pool.name):
                 status, _, body = await self.clients.get(

@@ -65,7 +65,7 @@ class UpstreamClients:
         base_url: str,
         uds: str | None,
         path: str,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         timeout: float,
     ) -> tuple[int, str, bytes]:
         """A whole small response (status, Content-Type as sent, body) of a GET; upstream
@@ -100,17 +100,19 @@ def target(path: str, query: bytes) -> str:
 
 def upstream_headers(
     client_headers: list[tuple[bytes, bytes]], backend_key: str | None, request_id: str
-) -> list[tuple[str, str]]:
-    """Client headers minus hop-by-hop ones and the client's credentials."""
-    headers = [
-        (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in client_headers
-        if k.lower() not in _NOT_FORWARDED_UP
-    ]
-    headers.append(("X-Request-Id", request_id))
+) -> list[tuple[bytes, bytes]]:
+    """Client headers minus hop-by-hop ones and the client's credentials, as the client sent
+    them (bytes: they go out as they came in)."""
+    headers = [(k, v) for k, v in client_headers if k.lower() not in _NOT_FORWARDED_UP]
+    headers.append((b"X-Request-Id", request_id.encode("latin-1")))
     if backend_key:
-        headers.append(("Authorization", f"Bearer {backend_key}"))
+        headers.append(bearer(backend_key))
     return headers
+
+
+def bearer(key: str) -> tuple[bytes, bytes]:
+    """The Authorization header a backend that wants ``key`` gets."""
+    return (b"Authorization", b"Bearer " + key.encode("latin-1"))
 
 
 def downstream_headers(upstream: Response, request_id: bytes) -> list[tuple[bytes, bytes]]:

@@ -173,11 +173,11 @@ class Connection(asyncio.Protocol):
         if 100 <= status < 200:
             self.interim, self.headers = True, []  # 100 Continue, 103 Early Hints: skipped
             return
-        names = {name.lower() for name, _ in self.headers}
-        chunked = any(
-            n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.headers
+        self.delimited = status in (204, 304) or any(
+            (name := key.lower()) == b"content-length"
+            or (name == b"transfer-encoding" and b"chunked" in value.lower())
+            for key, value in self.headers
         )
-        self.delimited = chunked or b"content-length" in names or status in (204, 304)
         self.response = Response(self, status, self.headers)
         self.head.set_result(self.response)
 
@@ -204,8 +204,7 @@ class Connection(asyncio.Protocol):
     def release(self, reuse: bool) -> None:
         self.busy = False
         if reuse and self.keep_alive and not self.closed:
-            self.parser = httptools.HttpResponseParser(self)
-            self._reset()
+            self._reset()  # the parser, at a message's end, is ready for the next one
             self.pool.put_back(self)
         else:
             self.abort()
@@ -216,9 +215,6 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     def _broken(self, error: UpstreamError) -> None:
-        if not self.busy:
-            self.abort()  # bytes nobody asked for: not a connection to reuse
-            return
         if not self.head.done():
             self.head.set_exception(error)
         elif self.response is not None:

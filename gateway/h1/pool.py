@@ -43,7 +43,7 @@ class Pool:
         self,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         body: bytes = b"",
     ) -> Response:
         """Send one request and wait for its response head (the body is read from it).
@@ -69,13 +69,13 @@ class Pool:
                 raise
 
     def _encode(
-        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
+        self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> bytes:
         lines = [
             b"%s %s%s HTTP/1.1\r\nHost: %s\r\n"
             % (method.encode("ascii"), self.prefix, target.encode("latin-1"), self.authority)
         ]
-        lines += [b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        lines += [b"%s: %s\r\n" % header for header in headers]
         if body or method in ("POST", "PUT", "PATCH"):
             lines.append(b"Content-Length: %d\r\n" % len(body))
         lines.append(b"\r\n")

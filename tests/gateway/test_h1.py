@@ -99,7 +99,7 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: application/json\r\
 
 async def test_the_request_goes_out_as_one_head_with_host_length_and_headers(serve: Serve) -> None:
     server, pool = await serve(always(OK))
-    response = await pool.request("POST", "/v1/x?a=1", [("X-Request-Id", "r1")], b'{"m":1}')
+    response = await pool.request("POST", "/v1/x?a=1", [(b"X-Request-Id", b"r1")], b'{"m":1}')
     assert response.status == 200 and await response.read() == b"hello"
     head, _, body = server.requests[0].partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")

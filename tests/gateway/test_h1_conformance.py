@@ -114,7 +114,7 @@ async def test_204_big_headers_and_a_large_echo(server: str) -> None:
     big.release()
     payload = bytes(range(256)) * 4096  # 1 MiB
     echo = await pool.request(
-        "POST", "/echo", [("Content-Type", "application/octet-stream")], payload
+        "POST", "/echo", [(b"Content-Type", b"application/octet-stream")], payload
     )
     assert await echo.read() == payload
     echo.release()
