@@ -174,6 +174,9 @@ class Relay:
                 else:
                     replica.note_success()
                 record.stream = response.content_type == "text/event-stream"
+                # A JSON body follows its head at once: waiting for it lets both go out in one
+                # write (gateway.coalescing). A stream's head goes out before its first token.
+                first = b"" if record.stream else await response.readany()
                 headers = downstream_headers(response, head.request_id)
                 if record.start_wait is not None:
                     headers.append((START_WAIT_HEADER, b"%.3f" % record.start_wait))
@@ -184,7 +187,7 @@ class Relay:
                 if record.stream:
                     lease.stream()
                 guard.arm(self.limits.idle_timeout)
-                await self._pump(response, send, guard, job, record)
+                await self._pump(response, send, guard, job, record, first)
                 completed = True
             except GatewayError:
                 raise  # nothing sent yet: the caller answers with the error
@@ -264,21 +267,27 @@ class Relay:
         guard: Interrupter,
         job: _Job,
         record: RequestRecord,
+        first: bytes,
     ) -> None:
-        """Relay the body as it arrives. Per chunk: a clock read and a send, nothing else."""
+        """Relay the body as it arrives (``first``: what was read already). Per chunk: a clock
+        read and a send, nothing else; the last bytes, when they come with the response's end,
+        go in the closing message."""
         stripper = job.stripper if record.stream else None
         previous = last = b""
-        while chunk := await response.readany():
+        more, chunk = True, first
+        while more and (chunk or (chunk := await response.readany())):
             guard.touch()
             if stripper is not None and not (chunk := stripper.feed(chunk)):
                 continue
             if record.ttfb is None:
                 record.ttfb = time.perf_counter() - record.started
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            previous, last = last, chunk
+            more = stripper is not None or not response.complete
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            previous, last, chunk = last, chunk, b""
         if stripper is not None and (rest := stripper.flush()):
             await send({"type": "http.response.body", "body": rest, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if more:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         if response.status == 200:
             record.usage = (
                 stripper.usage

@@ -16,8 +16,9 @@ import gc
 from typing import Any, ClassVar
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from gateway.coalescing import CoalescingCycle
 from gateway.errors import GatewayError, HeadersTooLarge, RequestTimeout, raw_response
 from gateway.interrupt import CLIENT_GONE, ClientGone
 from gateway.settings import GatewaySettings
@@ -85,6 +86,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
         extensions[CLIENT_GONE] = self._client_gone
         super().on_headers_complete()
+        if type(self.cycle) is RequestResponseCycle:
+            # uvicorn makes its cycle by name; this one holds the head for the first body
+            # write (gateway.coalescing). Its task has not run yet, so every send is ours.
+            self.cycle.__class__ = CoalescingCycle
 
     def on_message_complete(self) -> None:
         self.reading_since = None  # the whole request is in: no more reading to time

@@ -8,7 +8,8 @@ made to show on demand. Never the only evidence that a feature works: the real-v
 It accepts `vllm serve`'s flags that the gateway passes (--model, --host, --api-key, ...), so
 the supervisor can spawn it in tests as it spawns vLLM. A request may carry a `fake` object to
 change one response: {"chunks": 3, "gap_ms": 50, "die_after": 2, "hang_after": 2, "hang": true,
-"status": 500, "echo_headers": true, "set_cookie": "a=b", "redirect": "/elsewhere", "drop": true};
+"status": 500, "echo_headers": true, "set_cookie": "a=b", "redirect": "/elsewhere", "drop": true,
+"die_after_head": true};
 echo_headers answers with the headers and the URL (path and query) it received.
 `GET /fake/stats` reports requests started, completed and aborted (client went away).
 `--num-gpu-blocks N` adds vLLM's `vllm:cache_config_info` series (block size 16) to /metrics;
@@ -208,6 +209,12 @@ class FakeVllmProtocol(asyncio.Protocol):
                 await asyncio.sleep(3600)
             if path == b"/v1/chat/completions" and body.get("stream"):
                 await self._stream(body, fake)
+            elif path == b"/v1/chat/completions" and fake.get("die_after_head"):
+                assert self.transport is not None
+                self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 300\r\n\r\n")
+                await asyncio.sleep(0.05)  # the head arrives alone
+                self.transport.abort()
+                raise asyncio.CancelledError
             elif path == b"/v1/chat/completions":
                 await self._sleep(fake.get("gap_ms", opts.gap_ms) * self._chunks(fake) / 1000)
                 self._write(200, _chat_completion(body["model"], self._chunks(fake)))

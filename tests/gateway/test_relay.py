@@ -119,6 +119,18 @@ def test_backend_dying_mid_stream_ends_with_error_event_and_done(gateway: Gatewa
     assert tail[-1] == "data: [DONE]"
 
 
+def test_a_backend_dying_between_a_json_head_and_its_body_is_a_clean_502(
+    gateway: GatewayServer,
+) -> None:
+    """A non-stream answer's head waits for its body (both go out in one write), so a backend
+    that dies in between leaves the client an error it can read, not a 200 cut short."""
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions", json=chat(die_after_head=True), headers=KEY
+    )
+    assert response.status_code == 502
+    assert "failed mid-response" in response.json()["error"]["message"]
+
+
 def test_silent_backend_mid_stream_times_out_with_error_event(gateway: GatewayServer) -> None:
     response = httpx.post(
         f"{gateway.url}/v1/chat/completions", json=chat(True, hang_after=2), headers=KEY, timeout=10

@@ -21,6 +21,7 @@ class Transport:
 
     def __init__(self) -> None:
         self.buffer = b""
+        self.writes: list[bytes] = []  # each write: a system call on a real socket
         self.closed = False
 
     def get_extra_info(self, name: str) -> Any:
@@ -28,6 +29,7 @@ class Transport:
 
     def write(self, data: bytes) -> None:
         self.buffer += data
+        self.writes.append(data)
 
     def close(self) -> None:
         self.closed = True
@@ -119,3 +121,84 @@ async def test_shutdown_tells_a_request_still_waiting_and_leaves_answered_ones_a
     assert told == ["waiting"]
     for task in asyncio.all_tasks() - {asyncio.current_task()}:
         task.cancel()
+
+
+class Scripted:
+    """Sends the given ASGI messages; ``pause`` between two of them lets the loop turn."""
+
+    def __init__(self, *messages: dict[str, Any] | str) -> None:
+        self.messages = messages
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        for message in self.messages:
+            if message == "pause":
+                await asyncio.sleep(0.01)
+            else:
+                await send(message)  # type: ignore[arg-type]
+
+
+def start(*headers: tuple[bytes, bytes]) -> dict[str, Any]:
+    return {"type": "http.response.start", "status": 200, "headers": list(headers)}
+
+
+def body(data: bytes, more: bool = False) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": data, "more_body": more}
+
+
+GET = b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n"
+
+
+async def answer(app: Scripted, request: bytes = GET) -> Transport:
+    protocol, transport = connected(app)  # type: ignore[arg-type]
+    protocol.data_received(request)
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+    return transport
+
+
+async def test_a_head_and_the_body_sent_with_it_go_out_in_one_write() -> None:
+    app = Scripted(start((b"content-length", b"2")), body(b"ok"))
+    transport = await answer(app)
+    (write,) = transport.writes
+    assert write.startswith(b"HTTP/1.1 200 OK\r\n") and write.endswith(
+        b"content-length: 2\r\n\r\nok"
+    )
+
+
+async def test_a_head_with_no_body_behind_it_goes_out_on_the_loops_next_turn() -> None:
+    """A stream waiting for its first token: the client has its headers at once."""
+    app = Scripted(start((b"content-type", b"text/event-stream")), "pause", body(b"data: 1\n\n"))
+    protocol, transport = connected(app)  # type: ignore[arg-type]
+    protocol.data_received(GET)
+    for _ in range(3):
+        await asyncio.sleep(0)  # the app's task starts and sends the head; the loop turns
+    assert transport.writes and transport.writes[0].endswith(b"transfer-encoding: chunked\r\n\r\n")
+    await asyncio.sleep(0.05)
+    assert transport.writes[1:] == [b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"]
+
+
+async def test_a_chunked_body_keeps_its_framing_and_ends_with_its_last_chunk() -> None:
+    app = Scripted(start(), body(b"ab", more=True), body(b"cde"))
+    transport = await answer(app)
+    head, rest = transport.buffer.split(b"\r\n\r\n", 1)
+    assert b"transfer-encoding: chunked" in head
+    assert rest == b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
+    assert len(transport.writes) == 2  # the head went with the first chunk
+
+
+async def test_a_head_request_gets_the_head_alone() -> None:
+    app = Scripted(start((b"content-length", b"2")), body(b"ok"))
+    transport = await answer(app, b"HEAD /x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert transport.buffer.endswith(b"content-length: 2\r\n\r\n")
+
+
+async def test_connection_close_from_the_app_closes_after_the_one_write() -> None:
+    app = Scripted(start((b"connection", b"close"), (b"content-length", b"2")), body(b"ok"))
+    transport = await answer(app)
+    assert len(transport.writes) == 1 and transport.buffer.endswith(b"ok") and transport.closed
+
+
+async def test_a_header_value_with_a_line_break_is_never_written() -> None:
+    app = Scripted(start((b"x-evil", b"a\r\nset-cookie: b")), body(b"ok"))
+    transport = await answer(app)
+    assert transport.buffer == b"" and transport.closed  # as uvicorn: the connection drops
