@@ -40,6 +40,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refusal: GatewayError | None = None
         self._client_gone: ClientGone | None = None
         self.reading_since: float | None = self.loop.time()
+        self.idle_since: float | None = None  # a kept-alive connection waiting for a request
         self.reads.add(self, self.loop)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -57,6 +58,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().shutdown()
 
     def data_received(self, data: bytes) -> None:
+        self.idle_since = None
         if self._in_head:
             self._head_bytes += len(data)
         super().data_received(data)
@@ -95,6 +97,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.reading_since = None  # the whole request is in: no more reading to time
         super().on_message_complete()
 
+    def on_response_complete(self) -> None:
+        """uvicorn arms a keep-alive timer here, per response, and cancels it when the next
+        request comes; here the time is written down and the sweeper closes a connection idle
+        for longer than `timeout_keep_alive` (``check_reading``)."""
+        if self.pipeline or self.transport.is_closing():
+            super().on_response_complete()  # a pipelined request starts, uvicorn's way
+            return
+        self.server_state.total_requests += 1
+        self.flow.resume_reading()
+        self.idle_since = self.loop.time()
+
     def _count(self, size: int) -> None:
         """Exact head size, for a head that arrived whole in one read."""
         self._parsed_bytes += size
@@ -116,6 +129,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def check_reading(self, now: float) -> None:
         if self.reading_since is not None and now - self.reading_since > self.read_timeout:
             self.timed_out()
+        elif self.idle_since is not None and now - self.idle_since > self.timeout_keep_alive:
+            self.idle_since = None
+            self.timeout_keep_alive_handler()  # what uvicorn's own timer would call
 
     def timed_out(self) -> None:
         """The request (head and body) has been arriving for longer than read_timeout."""
@@ -141,9 +157,9 @@ class _Refused(Exception):
 
 
 def guarded_protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol]:
-    """The protocol class of one server. No timer per request: the time a request began is
-    written down, and the class's sweeper looks a few times a second for requests that have
-    been arriving for too long."""
+    """The protocol class of one server. No timer per request: the time a request began (or a
+    kept-alive connection went idle) is written down, and the class's sweeper looks a few times
+    a second for requests that have been arriving, or connections idle, for too long."""
     reads: Sweeper[GuardedHttpToolsProtocol] = Sweeper(GuardedHttpToolsProtocol.check_reading)
     reads.at_most_every(read_timeout)
     return type(

@@ -202,3 +202,26 @@ async def test_a_header_value_with_a_line_break_is_never_written() -> None:
     app = Scripted(start((b"x-evil", b"a\r\nset-cookie: b")), body(b"ok"))
     transport = await answer(app)
     assert transport.buffer == b"" and transport.closed  # as uvicorn: the connection drops
+
+
+async def test_a_kept_alive_connection_idle_too_long_is_closed_by_the_sweep() -> None:
+    """uvicorn's keep-alive timer, without a timer armed and cancelled per response."""
+    protocol, transport = connected(App())
+    protocol.data_received(GET)
+    await asyncio.sleep(0.01)
+    assert b"ok" in transport.buffer and protocol.timeout_keep_alive_task is None
+    now = asyncio.get_running_loop().time()
+    protocol.check_reading(now + protocol.timeout_keep_alive - 1)
+    assert not transport.closed
+    protocol.check_reading(now + protocol.timeout_keep_alive + 0.1)
+    assert transport.closed
+
+
+async def test_a_new_request_on_a_kept_alive_connection_is_not_idle() -> None:
+    protocol, transport = connected(App(wait=True))
+    protocol.data_received(GET)
+    await asyncio.sleep(0.01)  # no answer: the app waits
+    protocol.check_reading(asyncio.get_running_loop().time() + protocol.timeout_keep_alive + 1)
+    assert not transport.closed
+    for task in asyncio.all_tasks() - {asyncio.current_task()}:
+        task.cancel()
