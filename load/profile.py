@@ -32,9 +32,12 @@ LAYERS = [
         "access log, metrics, telemetry",
         ("(gateway/access_log.py", "(gateway/metrics.py", "(gateway/telemetry.py"),
     ),
+    (
+        "server side: uvicorn, httptools, gateway/server.py and coalescing.py",
+        ("(uvicorn/", "(gateway/server.py", "(gateway/coalescing.py"),
+    ),
     ("relay, keys, routing (rest of gateway/)", ("(gateway/",)),
     ("backends/ (pool, balancing)", ("(backends/",)),
-    ("uvicorn (server side, httptools)", ("(uvicorn/",)),
     ("prometheus_client", ("(prometheus_client/",)),
     ("logging", ("(logging/",)),
     ("asyncio event loop", ("(asyncio/",)),
