@@ -9,7 +9,8 @@ response that has arrived whole; a head with no body behind it (a stream still w
 first token) is written on the loop's next turn, so a client never waits longer for headers.
 
 Everything else is uvicorn's ``RequestResponseCycle.send``, kept in step with it: the same
-header checks, framing, keep-alive and completion.
+header checks, framing, keep-alive and completion. uvicorn's access log is not written here:
+the gateway turns it off and writes its own (``gateway.access_log``).
 """
 
 from __future__ import annotations
