@@ -103,7 +103,7 @@ def upstream_headers(
 ) -> list[tuple[bytes, bytes]]:
     """Client headers minus hop-by-hop ones and the client's credentials, as the client sent
     them (bytes: they go out as they came in)."""
-    headers = [(k, v) for k, v in client_headers if k.lower() not in _NOT_FORWARDED_UP]
+    headers = _end_to_end(client_headers, _NOT_FORWARDED_UP)
     headers.append((b"X-Request-Id", request_id.encode("latin-1")))
     if backend_key:
         headers.append(bearer(backend_key))
@@ -116,9 +116,21 @@ def bearer(key: str) -> tuple[bytes, bytes]:
 
 
 def downstream_headers(upstream: Response, request_id: bytes) -> list[tuple[bytes, bytes]]:
-    headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in _NOT_FORWARDED_DOWN]
+    headers = _end_to_end(upstream.raw_headers, _NOT_FORWARDED_DOWN)
     headers.append((b"x-request-id", request_id))
     return headers
+
+
+def _end_to_end(
+    headers: list[tuple[bytes, bytes]], dropped: frozenset[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` minus ``dropped`` and minus those the Connection header names, which are
+    hop-by-hop too (RFC 9110 §7.6.1: `Connection: close, X-Trace` keeps X-Trace off the
+    next hop)."""
+    for name, value in headers:
+        if name.lower() == b"connection":
+            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
+    return [(k, v) for k, v in headers if k.lower() not in dropped]
 
 
 @contextlib.contextmanager

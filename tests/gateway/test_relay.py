@@ -186,6 +186,7 @@ def test_client_key_is_never_forwarded_and_request_id_is(gateway: GatewayServer)
     )
     seen = response.json()["headers"]
     assert "authorization" not in seen
+    assert seen.get("connection") != "keep-alive"  # the client's hop only
     assert seen["x-request-id"] == "req-123"
     assert seen["x-custom"] == "kept"
     assert response.headers["x-request-id"] == "req-123"

@@ -1,8 +1,10 @@
-"""The relay's upstream pools: one per backend, closed when that backend is gone for good."""
+"""The relay's upstream side: one pool per backend, closed when that backend is gone for good;
+which headers cross the gateway in each direction."""
 
 from __future__ import annotations
 
-from gateway.upstream import UpstreamClients
+from gateway.h1 import Response
+from gateway.upstream import UpstreamClients, downstream_headers, upstream_headers
 
 
 async def test_a_forgotten_backend_has_its_pool_closed() -> None:
@@ -15,3 +17,47 @@ async def test_a_forgotten_backend_has_its_pool_closed() -> None:
     assert pool.closed and not kept.closed
     assert clients.pool(pod) is not pool  # a new one, should that address come back
     await clients.aclose()
+
+
+HOP_BY_HOP = [
+    (b"Connection", b"keep-alive, X-Trace"),  # names X-Trace as hop-by-hop too
+    (b"Keep-Alive", b"timeout=5"),
+    (b"X-Trace", b"hop-1"),
+    (b"TE", b"trailers"),
+    (b"Upgrade", b"h2c"),
+    (b"Proxy-Authorization", b"Basic eA=="),
+    (b"Transfer-Encoding", b"chunked"),
+]
+
+
+def test_hop_by_hop_headers_and_client_credentials_stay_on_the_clients_hop() -> None:
+    client = [
+        (b"Host", b"gateway"),
+        (b"Authorization", b"Bearer sk-client"),
+        (b"x-api-key", b"sk-client"),
+        (b"Content-Length", b"12"),
+        *HOP_BY_HOP,
+        (b"X-Custom", b"Kept As Sent"),
+    ]
+    sent = upstream_headers(client, "sk-backend", "req-1")
+    assert sent == [
+        (b"X-Custom", b"Kept As Sent"),
+        (b"X-Request-Id", b"req-1"),
+        (b"Authorization", b"Bearer sk-backend"),
+    ]
+
+
+def test_hop_by_hop_headers_of_the_backend_stay_on_its_hop() -> None:
+    backend: list[tuple[bytes, bytes]] = [
+        (b"content-type", b"application/json"),
+        (b"date", b"Mon, 30 Nov 2026 18:00:00 GMT"),  # the gateway's server writes its own
+        (b"server", b"uvicorn"),
+        *HOP_BY_HOP,
+        (b"set-cookie", b"a=b"),
+    ]
+    response = Response(None, 200, backend)  # type: ignore[arg-type]
+    assert downstream_headers(response, b"req-1") == [
+        (b"content-type", b"application/json"),
+        (b"set-cookie", b"a=b"),
+        (b"x-request-id", b"req-1"),
+    ]
