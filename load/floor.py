@@ -2,7 +2,7 @@
 
     .venv/bin/python load/floor.py [--seconds 4] [--repeats 3]    # load/results/floor-<date>.md
 
-Two sketches run next to the gateway (all on CPU 1, taking turns, the fake vLLM and the load
+Sketches run next to the gateway (all on CPU 1, taking turns, the fake vLLM and the load
 client on CPU 0, as in load/bench.py):
 
 - ``uvicorn + aiohttp``: the stack the gateway is built on, relaying bytes and nothing else.
@@ -13,6 +13,9 @@ client on CPU 0, as in load/bench.py):
 - ``uvicorn + pyreqwest`` / ``+ aiosonic`` / ``+ httpr``: the maintained fast clients in the
   same place (`pip install -e .[bench]`), each used as its documentation shows for a streamed
   response: the candidates to replace aiohttp with before writing a client of our own.
+- ``raw server + raw client``: no uvicorn and no ASGI either: an asyncio protocol parses the
+  request with httptools and hands it to the raw client; the response goes back in one write
+  (head with the first bytes). What a server protocol of the gateway's own could buy at most.
 
 The sketches skip everything a product needs (errors, timeouts, retries, keys, metrics), so
 the gap between them and the gateway is what those cost, and the gap between the sketches is
@@ -44,6 +47,7 @@ SKETCHES = {
     "uvicorn + pyreqwest": "pyreqwest",
     "uvicorn + aiosonic": "aiosonic",
     "uvicorn + httpr": "httpr",
+    "raw server + raw client": "raw-server",
 }
 
 
@@ -227,9 +231,91 @@ async def _start(send: Any, status: int, headers: Any) -> None:
     await send({"type": "http.response.start", "status": status, "headers": kept})
 
 
+class _RawServer(asyncio.Protocol):
+    """One client connection, requests one after the other (the load client does not
+    pipeline), each relayed over the raw client with no ASGI in between."""
+
+    def __init__(self, host: str, port: int, idle: list[_Connection]) -> None:
+        import httptools
+
+        self.parser = httptools.HttpRequestParser(self)
+        self.upstream, self.idle = (host, port), idle
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_begin(self) -> None:
+        self.url, self.body = b"", b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        asyncio.get_running_loop().create_task(self.relay(self.url, self.body))
+
+    async def relay(self, url: bytes, body: bytes) -> None:
+        while self.idle and self.idle[-1].closed:
+            self.idle.pop()
+        if self.idle:
+            conn = self.idle.pop()
+        else:
+            _, conn = await asyncio.get_running_loop().create_connection(
+                _Connection, *self.upstream
+            )
+        host, port = self.upstream
+        conn.request(
+            b"POST %s HTTP/1.1\r\nhost: %s:%d\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (url, host.encode(), port, len(body), body)
+        )
+        status = await conn.head
+        kept = [(k, v) for k, v in conn.headers if k.lower() not in (b"date", b"server")]
+        chunked = not any(k.lower() == b"content-length" for k, _ in kept)
+        head = b"HTTP/1.1 %d OK\r\n%s\r\n" % (
+            status,
+            b"".join(b"%s: %s\r\n" % (k, v) for k, v in kept),
+        )
+        assert self.transport is not None
+        while (chunk := await conn.chunks.get()) is not None:
+            framed = b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk
+            self.transport.write(head + framed)
+            head = b""
+        self.transport.write(head + (b"0\r\n\r\n" if chunked else b""))
+        self.idle.append(conn)
+
+
+def serve_raw(upstream: str, port: int) -> None:
+    import uvloop
+
+    parts = urlsplit(upstream)
+    host, upstream_port = parts.hostname or "127.0.0.1", parts.port or 80
+    idle: list[_Connection] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _RawServer(host, upstream_port, idle), "127.0.0.1", port
+        )
+        await server.serve_forever()
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+    uvloop.run(main())
+
+
 def serve(kind: str, upstream: str, port: int) -> None:
     import uvicorn
 
+    if kind == "raw-server":
+        serve_raw(upstream, port)
+        return
     relay = RELAYS.get(kind, raw_relay)(upstream)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
