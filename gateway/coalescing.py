@@ -39,9 +39,7 @@ class CoalescingCycle(RequestResponseCycle):
         kind = message["type"]
         if not self.response_started:
             if kind != "http.response.start":
-                raise RuntimeError(
-                    f"Expected ASGI message 'http.response.start', but got {kind!r}."
-                )
+                raise RuntimeError(f"Expected 'http.response.start', but got {kind!r}.")
             self._held = self._head(message["status"], message.get("headers", ()))
             asyncio.get_running_loop().call_soon(self._flush)
         elif not self.response_complete:

@@ -126,11 +126,18 @@ def _end_to_end(
 ) -> list[tuple[bytes, bytes]]:
     """``headers`` minus ``dropped`` and minus those the Connection header names, which are
     hop-by-hop too (RFC 9110 §7.6.1: `Connection: close, X-Trace` keeps X-Trace off the
-    next hop)."""
+    next hop). One pass; a second, over what is kept, only for such a rare named header."""
+    kept = []
+    options = b""  # what the Connection header(s) said
     for name, value in headers:
-        if name.lower() == b"connection":
-            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
-    return [(k, v) for k, v in headers if k.lower() not in dropped]
+        lower = name.lower()
+        if lower == b"connection":
+            options = options + b"," + value if options else value
+        if lower not in dropped:
+            kept.append((name, value))
+    if options and (named := {o.strip().lower() for o in options.split(b",")} - dropped):
+        kept = [(k, v) for k, v in kept if k.lower() not in named]
+    return kept
 
 
 @contextlib.contextmanager
