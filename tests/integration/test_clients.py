@@ -43,7 +43,13 @@ def test_anthropic_messages_with_usage(claude: anthropic.Anthropic) -> None:
 
 
 def test_anthropic_stream_ends_with_the_final_message(claude: anthropic.Anthropic) -> None:
-    with claude.messages.stream(model="tiny-chat", max_tokens=8, messages=HELLO) as stream:  # type: ignore[arg-type]
+    # Greedy: a sampled answer of the random model can be 8 tokens that make no text block.
+    with claude.messages.stream(
+        model="tiny-chat",
+        max_tokens=8,
+        messages=HELLO,  # type: ignore[arg-type]
+        extra_body={"temperature": 0},  # this SDK's stream() takes no temperature argument
+    ) as stream:
         pieces = list(stream.text_stream)
         final = stream.get_final_message()
     assert "".join(pieces) == final.content[0].text  # type: ignore[union-attr]
