@@ -20,21 +20,12 @@ import logging
 
 import httpx
 
+from backends.errors import AdapterError
 from backends.pool import Replica
 
 log = logging.getLogger("vllm_gateway.adapters")
 RUNTIME_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 CALL_TIMEOUT = 120.0  # seconds: a large adapter is read from disk and moved to the GPU
-
-
-class AdapterError(Exception):
-    """A server refused or failed a load or unload; ``status`` is its HTTP status (0: none)."""
-
-    def __init__(self, replica: Replica, status: int, message: str) -> None:
-        super().__init__(f"{replica.url}: {status or 'no answer'}: {message}")
-        self.replica = replica
-        self.status = status
-        self.message = message
 
 
 class AdapterBook:
@@ -81,9 +72,9 @@ async def _post(
 ) -> None:
     headers = {"Authorization": f"Bearer {replica.api_key}"} if replica.api_key else {}
     try:
-        response = await client.post(
-            replica.url + path, json=body, headers=headers, timeout=CALL_TIMEOUT
-        )
+        # The call's own timeout, but the client's connect timeout (the config's).
+        limit = httpx.Timeout(CALL_TIMEOUT, connect=client.timeout.connect)
+        response = await client.post(replica.url + path, json=body, headers=headers, timeout=limit)
     except httpx.HTTPError as exc:
         raise AdapterError(replica, 0, repr(exc)) from exc
     if response.status_code != 200:

@@ -7,7 +7,7 @@ resolved again every ``interval`` seconds:
 - a new address joins as a replica in ``joining``; the health checker admits it once it passes
   its readiness checks (health, then the model list; runtime LoRA adapters restored first);
 - an address gone from the answer is ``leaving``: it gets no new request, the ones in flight
-  finish, then it is removed;
+  finish (waited for on their leases' releases), then it is removed;
 - a failed or empty resolution keeps the last good set (DNS outages must not empty a model),
   logged once per change.
 
@@ -25,20 +25,20 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from backends.health import HealthPolicy
+from backends.life import ModelLife
 from backends.lifecycle import BackendState
-from backends.pool import Ejection, Replica, ReplicaPool
+from backends.pool import Ejection, Replica
 
 log = logging.getLogger("vllm_gateway.discovery")
 
 # (host, port) -> the addresses it resolves to now; raises OSError when it does not resolve.
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
-LEAVE_POLL = 0.1  # seconds between looks at a leaving replica's in-flight count
 
 
 class Watcher(Protocol):
     """Who checks a joining replica and admits it (``backends.health.HealthChecker``)."""
 
-    def watch(self, name: str, replica: Replica, policy: HealthPolicy) -> None: ...
+    def watch(self, life: ModelLife, replica: Replica, policy: HealthPolicy) -> None: ...
 
     def forget(self, replica: Replica) -> None: ...
 
@@ -70,12 +70,12 @@ class DnsName:
 
 
 class Discovery:
-    """Keeps one model's pool equal to what its DNS name resolves to. Owns the replicas'
-    membership; their state is the health checker's until they leave."""
+    """Keeps one model's replicas equal to what its DNS name resolves to. It tells the model's
+    life who joins and who leaves; the health checker reports on them meanwhile."""
 
     def __init__(
         self,
-        pool: ReplicaPool,
+        life: ModelLife,
         name: DnsName,
         interval: float,
         health: Watcher,
@@ -88,7 +88,7 @@ class Discovery:
     ) -> None:
         """``on_removed``: called with each replica once it has left the pool (the gateway
         closes its connections to it)."""
-        self.pool = pool
+        self.life = life
         self.name = name
         self.interval = interval
         self.health = health
@@ -104,7 +104,7 @@ class Discovery:
 
     async def start(self) -> None:
         await self.refresh()  # the first answer before the first request, when DNS is up
-        self._task = asyncio.create_task(self._run(), name=f"discovery:{self.pool.name}")
+        self._task = asyncio.create_task(self._run(), name=f"discovery:{self.life.name}")
 
     async def stop(self) -> None:
         tasks = [t for t in (self._task, *self._leaving) if t is not None]
@@ -128,24 +128,24 @@ class Discovery:
             if reason != self._failure:
                 log.warning(
                     "%s: %s does not resolve (%s); keeping its %d replicas",
-                    *(self.pool.name, self.name, reason, len(self.members)),
+                    *(self.life.name, self.name, reason, len(self.members)),
                 )
                 self._failure = reason
             return
         if self._failure is not None:
-            log.info("%s: %s resolves again", self.pool.name, self.name)
+            log.info("%s: %s resolves again", self.life.name, self.name)
             self._failure = None
-        self.apply([self.name.address(ip) for ip in answer])
+        await self.apply([self.name.address(ip) for ip in answer])
 
-    def apply(self, addresses: list[str]) -> None:
+    async def apply(self, addresses: list[str]) -> None:
         """``addresses``: the `ip:port` of each replica there should be, in the answer's order."""
         for address in addresses:
             if address not in self.members:
-                self._join(address)
+                await self._join(address)
         for address in [a for a in self.members if a not in addresses]:
-            self._leave(self.members.pop(address))
+            await self._leave(self.members.pop(address))
 
-    def _join(self, address: str) -> None:
+    async def _join(self, address: str) -> None:
         replica = Replica(
             url=f"{self.name.scheme}://{address}",
             api_key=self.api_key,
@@ -155,26 +155,24 @@ class Discovery:
             address=address,
         )
         self.members[address] = replica
-        self.pool.replicas.append(replica)
-        self.health.watch(self.pool.name, replica, self.policy)
-        log.info("%s: %s joins (admitted once ready)", self.pool.name, address)
+        await self.life.join(replica)
+        self.health.watch(self.life, replica, self.policy)
+        log.info("%s: %s joins (admitted once ready)", self.life.name, address)
 
-    def _leave(self, replica: Replica) -> None:
+    async def _leave(self, replica: Replica) -> None:
         self.health.forget(replica)
-        replica.move(BackendState.LEAVING)
+        await self.life.move(BackendState.LEAVING, replica)
         log.info(
             "%s: %s left DNS, draining %d requests",
-            *(self.pool.name, replica.address, replica.in_flight),
+            *(self.life.name, replica.address, replica.in_flight),
         )
         task = asyncio.create_task(self._drain(replica), name=f"leave:{replica.address}")
         self._leaving.add(task)
         task.add_done_callback(self._leaving.discard)
 
     async def _drain(self, replica: Replica) -> None:
-        while replica.in_flight:
-            await asyncio.sleep(LEAVE_POLL)
-        self.pool.replicas.remove(replica)
-        replica.move(BackendState.STOPPED)
-        log.info("%s: %s removed", self.pool.name, replica.address)
+        await self.life.drained([replica])
+        await self.life.remove(replica)
+        log.info("%s: %s removed", self.life.name, replica.address)
         if self.on_removed is not None:
             await self.on_removed(replica)

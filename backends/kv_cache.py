@@ -22,7 +22,7 @@ from backends.spec import VllmSpec
 GiB = float(2**30)
 # Per GPU, what vLLM uses besides weights and KV cache within its share: the CUDA context,
 # the activation peak of its profiling run and NCCL/cuBLAS workspaces. Measured with
-# --enforce-eager (README, "GPU slices"); CUDA graphs add to it.
+# --enforce-eager (docs/operations.md, "GPU slices that hold"); CUDA graphs add to it.
 OVERHEAD_GIB = 2.0
 SHORT_FRACTION = 0.5  # below this fraction of the expected cache, the gateway warns
 

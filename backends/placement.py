@@ -140,6 +140,18 @@ def host_memory_bytes() -> float | None:
         return None
 
 
+def available_host_memory(meminfo: Path = Path("/proc/meminfo")) -> float | None:
+    """Bytes of host memory free for new use now (the kernel's MemAvailable), for deciding a
+    level-1 sleep; None where the kernel does not say."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def sleeper_memory(
     specs: Sequence[VllmSpec], level_one: Collection[str], host_bytes: float | None
 ) -> tuple[str | None, str | None]:

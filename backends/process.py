@@ -3,13 +3,16 @@
 Each server writes to its own log file, so a failing backend's last lines can be shown without
 mixing four servers' output on the gateway's terminal. The reaper leads a process group that
 holds the server and everything it forks (``backends.proctree``); ``stop`` ends that group
-whatever state it is in, even when the reaper itself was killed.
+whatever state it is in, even when the reaper itself was killed. A server a previous gateway
+started (``adopt``) is not this process's child: it is watched and signalled through a pidfd,
+which names that one process however its pid is reused later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import random
 import signal
@@ -20,8 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from backends.proctree import end_group, group_members
-from backends.reaper import GRACE_ENV
+from backends.proctree import end_group, group_members, start_time
+from backends.reaper import GRACE_ENV, KEEP_ENV, RELEASE, tell
 
 # An engine core whose API server is gone has no request left to finish: a short grace.
 LEFTOVER_GRACE = 2.0
@@ -63,11 +66,40 @@ def _ephemeral_low() -> int:
         return 0  # unknown: the kernel's choice (port 0)
 
 
+class AdoptedProcess:
+    """A reaper another gateway started, with the calls of ``asyncio.subprocess.Process``
+    that ``BackendProcess`` makes. Its exit status is not ours to read: -1 once it ended."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd = os.pidfd_open(pid)  # ProcessLookupError if it is gone already
+        self.returncode: int | None = None
+        self._ended = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self._fd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._fd)
+        os.close(self._fd)
+        self.returncode = -1
+        self._ended.set()
+
+    async def wait(self) -> int:
+        await self._ended.wait()
+        return -1
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            signal.pidfd_send_signal(self._fd, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class BackendProcess:
     def __init__(self, name: str, log_path: Path) -> None:
         self.name = name
         self.log_path = log_path
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: asyncio.subprocess.Process | AdoptedProcess | None = None
         self._log: IO[bytes] | None = None
         self.started_at = 0.0
         self._seen: set[int] = set()
@@ -84,20 +116,49 @@ class BackendProcess:
     def returncode(self) -> int | None:
         return self._proc.returncode if self._proc else None
 
-    async def start(self, cmd: list[str], env: Mapping[str, str], stop_grace: float) -> None:
+    @property
+    def start_time(self) -> int | None:
+        """The reaper's start time (``proctree.start_time``), for the state directory."""
+        return start_time(self._proc.pid) if self._proc is not None else None
+
+    def _open_log(self, line: str) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self._log.write(f"\n=== {time.strftime('%F %T')} starting: {' '.join(cmd)}\n".encode())
+        self._log.write(f"\n=== {time.strftime('%F %T')} {line}\n".encode())
         self._log.flush()
         self.started_at = time.monotonic()
         self._seen = set()
+
+    def adopt(self, pid: int) -> None:
+        """Take over a reaper a previous gateway started (``backends.adoption`` checked it)."""
+        self._open_log(f"adopted: reaper pid {pid}")
+        self._proc = AdoptedProcess(pid)
+
+    async def release(self) -> None:
+        """Leave the server running for the next gateway to adopt (``keep_backends``): its
+        reaper's wait starts now. A reaper that is gone or does not answer is left as it is:
+        the next gateway ends what is left of it."""
+        pid, started = self.pid, self.start_time
+        if pid is not None and started is not None:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(tell, pid, started, RELEASE)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    async def start(
+        self, cmd: list[str], env: Mapping[str, str], stop_grace: float, keep: float = 0.0
+    ) -> None:
+        """``keep``: seconds the server waits for a new gateway once this one is gone. The
+        command is logged as it is, so it must hold no secret (the key is in ``env``)."""
+        self._open_log(f"starting: {' '.join(cmd)}")
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "backends.reaper",
             "--",
             *cmd,
-            env={**env, GRACE_ENV: str(stop_grace)},
+            env={**env, GRACE_ENV: str(stop_grace), KEEP_ENV: str(keep)},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=self._log,
             stderr=asyncio.subprocess.STDOUT,

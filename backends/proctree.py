@@ -62,3 +62,17 @@ def end_group(pgid: int, grace: float, tick: Callable[[], object] | None = None)
     if tick is not None:
         tick()
     return False
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (/proc's field 22), or None if no such
+    process lives. A pid and its start time name one process: a pid can be reused, the pair
+    cannot (until the machine reboots, when every recorded server is gone anyway)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])  # field 22; fields[0] is field 3 (state)

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import httpx
 
+from backends.errors import SleepModeError
+
 LEVELS = (1, 2)
 SLEEP_MODE_FLAG = "enable-sleep-mode"
 DEV_MODE_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
-
-
-class SleepModeError(Exception):
-    """A sleep or wake call failed, or the server does not say what it was asked to be."""
 
 
 async def put_to_sleep(client: httpx.AsyncClient, url: str, level: int, timeout: float) -> None:
@@ -59,7 +57,9 @@ async def _call(
     client: httpx.AsyncClient, method: str, url: str, timeout: float, **kwargs: object
 ) -> httpx.Response:
     try:
-        response = await client.request(method, url, timeout=timeout, **kwargs)  # type: ignore[arg-type]
+        # The call's own timeout, but the client's connect timeout (the config's).
+        limit = httpx.Timeout(timeout, connect=client.timeout.connect)
+        response = await client.request(method, url, timeout=limit, **kwargs)  # type: ignore[arg-type]
     except httpx.HTTPError as exc:
         raise SleepModeError(f"{method} {url}: {exc!r}") from exc
     if response.status_code != 200:

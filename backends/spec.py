@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+API_KEY_ENV = "VLLM_API_KEY"  # read by vLLM's server as its --api-key
+GATEWAY_ENV_PREFIX = "VLLM_GATEWAY_"  # the gateway's own settings; its servers get none
+
 
 @dataclass(frozen=True)
 class VllmSpec:
@@ -40,10 +43,9 @@ class VllmSpec:
         """vLLM's fraction of each GPU it may take (its own default is 0.9)."""
         return float(self.args.get("gpu-memory-utilization", 0.9))
 
-    def command(
-        self, port: int, api_key: str | None, host: str = "127.0.0.1", uds: str | None = None
-    ) -> list[str]:
-        """``uds``: the unix socket to listen on, instead of ``host`` and ``port``."""
+    def command(self, port: int, host: str = "127.0.0.1", uds: str | None = None) -> list[str]:
+        """``uds``: the unix socket to listen on, instead of ``host`` and ``port``. The backend
+        key is not here: every local user can read a command line (``environment`` has it)."""
         launcher = list(self.launcher)
         if launcher[-1] == "serve":  # `vllm serve MODEL` takes the model positionally
             cmd = [*launcher, self.model]
@@ -51,8 +53,6 @@ class VllmSpec:
             cmd = [*launcher, "--model", self.model]
         cmd += ["--served-model-name", self.name]
         cmd += ["--uds", uds] if uds else ["--host", host, "--port", str(port)]
-        if api_key:
-            cmd += ["--api-key", api_key]
         args = dict(self.args)
         if len(self.gpus) > 1:
             args.setdefault("tensor-parallel-size", len(self.gpus))
@@ -60,11 +60,21 @@ class VllmSpec:
             cmd += render_flag(flag, value)
         return cmd
 
-    def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = dict(os.environ if base is None else base)
+    def environment(
+        self, base: Mapping[str, str] | None = None, api_key: str | None = None
+    ) -> dict[str, str]:
+        """The server's environment. ``api_key`` goes to vLLM's ``VLLM_API_KEY`` (the same
+        check as ``--api-key``), which only the server's own user can read; without one, a
+        ``VLLM_API_KEY`` inherited from the gateway's environment is dropped, and so is the
+        gateway's own configuration (``VLLM_GATEWAY_*``: its client keys among them)."""
+        inherited = os.environ if base is None else base
+        env = {k: v for k, v in inherited.items() if not k.startswith(GATEWAY_ENV_PREFIX)}
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpus)
         env.update(self.env)
+        env.pop(API_KEY_ENV, None)
+        if api_key:
+            env[API_KEY_ENV] = api_key
         return env
 
 

@@ -3,97 +3,253 @@
 Always-on models hold their shares for ever (``backends.placement`` refuses a layout where
 they do not fit). An on-demand model holds its shares from the moment it starts (or begins
 to wake) until its servers have ended; asleep, it holds only its CUDA context. Before one
-starts or wakes, the switchboard unloads (puts to sleep, or stops) running on-demand
-models on the GPUs it needs until the shares on each of those GPUs, its own included, stay
-within ``MAX_SHARE_PER_GPU``: idle models first, least recently used first, then busy ones that
-have been resident for their `min_resident` seconds (drained first), then asleep ones. One plan
-at a time: starts that need room queue here, in the order they asked.
+starts or wakes, the switchboard unloads (puts to sleep, or stops) running on-demand models
+on the GPUs it needs until the shares on each of those GPUs, its own included, stay within
+``MAX_SHARE_PER_GPU``. Which ones go, in which order models waiting for room take their turn,
+and whether a swap waits first (batching, the thrash guard) is its policy's choice
+(``backends.swap_policy``: `lru` or `cost`); the switchboard applies the plans, one at a time
+per GPU: a model waiting for room plans only when no model sharing a GPU with it ranks
+before it or is unloading others for itself.
+
+It also keeps what the policy weighs beyond each model's own costs: the swaps each API key
+caused, the host memory free for a level-1 sleep, and the estimate of a waiting request's
+wait that deadlines are checked against.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Iterable, Mapping
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
-from backends.on_demand import ModelState, OnDemandModel
-from backends.placement import MAX_SHARE_PER_GPU
+from opentelemetry.trace import Tracer
 
-REPLAN_EVERY = 0.5  # seconds, while the models in the way are busy and too new to unload
-_SLACK = 1e-9
+from backends import clock, wait_estimate
+from backends.cost_policy import THRASH_SWAPS, THRASH_TAU, CostPolicy
+from backends.demand import Demand, ModelsDemand, Waiter
+from backends.errors import Unavailable
+from backends.lifecycle import BackendState
+from backends.on_demand import OnDemandModel
+from backends.placement import available_host_memory
+from backends.signals import Signal
+from backends.swap_costs import DecayedRate
+from backends.swap_policy import LruPolicy, SwapPolicy, limit
+
+log = logging.getLogger("vllm_gateway.swaps")
+S = BackendState
+DEFAULT_BATCH_WINDOW = 15.0  # seconds; the replay's targets need 90 (load/results/swaps-*.md)
+HOST_RESERVE_BYTES = 8 * 2**30  # host memory a level-1 sleep must leave free for the rest
+POLICIES: dict[str, type[LruPolicy] | type[CostPolicy]] = {"lru": LruPolicy, "cost": CostPolicy}
+
+
+@dataclass(frozen=True, slots=True)
+class BatchWindows:
+    """`swaps.batch_window`, and the GPU groups that set their own (the smallest wins where a
+    model's GPUs fall in several)."""
+
+    default: float = DEFAULT_BATCH_WINDOW
+    groups: tuple[tuple[frozenset[int], float], ...] = ()
+
+    def for_gpus(self, gpus: Iterable[int]) -> float:
+        mine = set(gpus)
+        found = [window for group, window in self.groups if group & mine]
+        return min(found, default=self.default)
 
 
 class Switchboard:
     def __init__(
-        self, models: Iterable[OnDemandModel], always_on: Mapping[int, float] | None = None
+        self,
+        models: Iterable[OnDemandModel],
+        always_on: Mapping[int, float] | None = None,
+        *,
+        policy: SwapPolicy | None = None,
+        windows: BatchWindows | None = None,
+        host_free: Callable[[], float | None] = available_host_memory,
+        demand: Demand | None = None,
     ) -> None:
-        """``always_on``: GPU index -> the shares always-on models hold on it."""
+        """``always_on``: GPU index -> the shares always-on models hold on it. ``host_free``:
+        bytes of host memory free now (for `sleep_level: auto`). ``demand``: who waits for
+        which model (default: the models' own waiters)."""
         self.models = {m.name: m for m in models}
         self.always_on = dict(always_on or {})
+        self.policy: SwapPolicy = policy or LruPolicy()
+        self.windows = windows or BatchWindows()
+        self.host_free = host_free
+        self.demand: Demand = demand or ModelsDemand(self.models)
         self.closing = False
-        self._lock = asyncio.Lock()
+        self.tracer: Tracer | None = None  # set when the gateway traces: a span per swap
+        self.changed = Signal()  # a model asks for room or stops asking, a waiter comes or goes
+        self.swaps = 0  # models unloaded to make room for another
+        self.key_swaps: dict[str, DecayedRate] = {}
+        self._asked: dict[OnDemandModel, float] = {}  # waiting for room, since
+        self._unloading_for: set[OnDemandModel] = set()  # those unloading others now
+        self._pins: dict[OnDemandModel, asyncio.Task[None]] = {}
+        self._asking: tuple[OnDemandModel, Waiter] | None = None  # while estimating for it
         for model in self.models.values():
             model.board = self
 
-    async def make_room(self, model: OnDemandModel, then: ModelState) -> None:
-        """Wait for the model's backoff and for room on its GPUs; then move it to ``then``
-        (starting, or waking), which holds its shares from that moment."""
-        if (delay := model.not_before - time.monotonic()) > 0:
-            await asyncio.sleep(delay)
-        async with self._lock:
-            while True:
-                victims = self.victims(model)
-                if victims is None:
-                    await asyncio.sleep(REPLAN_EVERY)
-                    continue
-                if not victims:
-                    model._move(then)
-                    return
-                reason = f"swapped out for {model.name}"
-                await asyncio.gather(
-                    *(v.unload(reason, stop=v.state is ModelState.ASLEEP) for v in victims)
-                )
+    def use(self, policy: SwapPolicy, windows: BatchWindows) -> None:
+        """A reload's policy and windows, for the next plans."""
+        self.policy, self.windows = policy, windows
+        self.changed.fire()
 
-    def victims(self, model: OnDemandModel) -> list[OnDemandModel] | None:
-        """The models to unload so that ``model`` fits: [] if it fits now, None if it cannot
-        until something changes (a drain ends, a busy model has been resident long enough)."""
-        held = self.held(without=model)
-        over = {g for g, share in model.usage.items() if held.get(g, 0.0) + share > _limit()}
-        if not over:
-            return []
-        in_the_way = [
-            m
-            for m in self.models.values()
-            if m is not model
-            and m.state in (ModelState.READY, ModelState.ASLEEP)
-            and over & set(m.usage)
+    async def make_room(self, model: OnDemandModel, then: BackendState) -> bool:
+        """Wait for the model's backoff, its turn and room on its GPUs; then move it to
+        ``then`` (starting, or waking), which holds its shares from that moment. False if the
+        policy dropped the swap (nobody waits for it any more): nothing moved."""
+        if (delay := model.not_before - clock.now()) > 0:
+            await asyncio.sleep(delay)
+        self._asked.setdefault(model, clock.now())
+        self.changed.fire()
+        try:
+            while True:
+                now, wait_until = clock.now(), math.inf
+                if self._my_turn(model, now):
+                    plan = self.policy.plan(model, self, now)
+                    if plan.abandon:
+                        log.info("%s: swap dropped (%s)", model.name, plan.why)
+                        return False
+                    if plan.victims is not None and plan.wait_until <= now:
+                        if not plan.victims:
+                            model.thrash_loaded = self.thrashing(model, now)
+                            await model.life.move(then)
+                            return True
+                        await self._swap(model, plan.victims, plan.why)
+                        continue
+                    wait_until = plan.wait_until
+                await self._something_changes(model, wait_until)
+        finally:
+            self._asked.pop(model, None)
+            self._unloading_for.discard(model)
+            self.changed.fire()
+
+    def wants_room(self, model: OnDemandModel) -> bool:
+        return model in self._asked
+
+    def asked_at(self, model: OnDemandModel) -> float:
+        """When the model began to wait for room (now, if it does not)."""
+        return self._asked.get(model, clock.now())
+
+    def _my_turn(self, model: OnDemandModel, now: float) -> bool:
+        if model in self._unloading_for:
+            return True
+        gpus = set(model.usage)
+        if any(gpus & set(m.usage) for m in self._unloading_for):
+            return False
+        rivals = [m for m in self._asked if m is model or gpus & set(m.usage)]
+        return min(rivals, key=lambda m: self.policy.rank(m, self, now)) is model
+
+    async def _swap(self, model: OnDemandModel, victims: list[OnDemandModel], why: str) -> None:
+        self._unloading_for.add(model)
+        self._book(model, victims)
+        log.info("%s: unloading %s (%s)", model.name, ", ".join(v.name for v in victims), why)
+        reason = f"swapped out for {model.name}"
+        unloads = [
+            v.unload(reason, stop=v.state is S.ASLEEP, level=self.sleep_level(v)) for v in victims
         ]
-        # Idle models first, then busy ones resident long enough, each by least recent use; an
-        # asleep model last: it holds only its CUDA context, so stopping it rarely helps.
-        asleep = sorted((m for m in in_the_way if m.state is ModelState.ASLEEP), key=_lru)
-        awake = [m for m in in_the_way if m.state is ModelState.READY]
-        idle = sorted((m for m in awake if not m.busy), key=_lru)
-        busy = sorted(
-            (m for m in awake if m.busy and m.resident_for >= m.config.min_resident), key=_lru
+        with self._swap_span(model, victims):  # an unload, once begun, ends: even if this
+            await asyncio.gather(*(asyncio.shield(u) for u in unloads))  # start is cancelled
+
+    def _book(self, model: OnDemandModel, victims: list[OnDemandModel]) -> None:
+        """Count the swap, and book it to the keys of the requests it is made for."""
+        self.swaps += len(victims)
+        for victim in victims:
+            victim.swapped_out += 1
+        keys = {w.key for w in self.demand.waiters(model.name) if w.key is not None}
+        now = clock.now()
+        for key in keys:
+            self.key_swaps.setdefault(key, DecayedRate(THRASH_TAU)).tick(now, 1.0 / len(keys))
+
+    def waiters(self, model: OnDemandModel) -> list[Waiter]:
+        """Who waits for the model (``demand``), and the request being estimated for it."""
+        waiting = list(self.demand.waiters(model.name))
+        if self._asking is not None and self._asking[0] is model:
+            waiting.append(self._asking[1])
+        return waiting
+
+    def thrashing(self, model: OnDemandModel, now: float) -> bool:
+        """Whether only keys that caused more than ``THRASH_SWAPS`` swaps lately wait."""
+        keys = {w.key for w in self.waiters(model) if w.key is not None}
+        return bool(keys) and all(
+            key in self.key_swaps and self.key_swaps[key].value(now) > THRASH_SWAPS for key in keys
         )
-        chosen: list[OnDemandModel] = []
-        for candidate in [*idle, *busy, *asleep]:
-            chosen.append(candidate)
-            for gpu, share in _frees(candidate).items():
-                held[gpu] = held.get(gpu, 0.0) - share
-            if all(held.get(g, 0.0) + share <= _limit() for g, share in model.usage.items()):
-                return chosen
-        return None
+
+    def batch_window(self, model: OnDemandModel) -> float:
+        return self.windows.for_gpus(model.usage)
+
+    def sleep_level(self, model: OnDemandModel) -> int:
+        """The level the model sleeps at now: its `sleep_level`, or with `auto`, 1 when the
+        host has memory free for its weights (or holds them already, since its first level-1
+        sleep), else 2."""
+        level = model.config.sleep_level
+        if level != "auto":
+            return level
+        if model.slept_at_1:
+            return 1
+        free, need = self.host_free(), model.weight_bytes
+        if free is None or need is None:
+            return 2
+        return 1 if need + HOST_RESERVE_BYTES <= free else 2
+
+    def estimate(self, model: OnDemandModel, asking: Waiter | None = None) -> float | None:
+        """Seconds a request for ``model`` arriving now (``asking``, default an anonymous one)
+        would wait, from what is known: the model's state, what a swap must unload first and
+        whether it would wait (the request's own deadline bounds a batching hold), the models
+        ahead of it on its GPUs, its start or wake time, and the requests ahead of it at its
+        service rate. None when a part of it was never measured nor configured."""
+        now = clock.now()
+        self._asking = (model, asking or Waiter(now))
+        try:
+            return wait_estimate.estimate(self, model, self._asking[1], now)
+        finally:
+            self._asking = None
+
+    def asking_for_room(self) -> list[OnDemandModel]:
+        """The models waiting for room now, in no particular order."""
+        return list(self._asked)
+
+    async def _something_changes(self, model: OnDemandModel, until: float) -> None:
+        """Until a plan may come out otherwise: a model moves or goes idle, a model asks for
+        room or stops, a waiter comes or goes, or ``until`` (a hold's end) passes."""
+        others = [m for m in self.models.values() if m is not model]
+        waits = [m.life.changed.wait() for m in others] + [self.changed.wait()]
+        waits += [r.went_idle.wait() for m in others for r in m.replicas if r.in_flight]
+        tasks = [asyncio.ensure_future(w) for w in waits]
+        timeout = None if math.isinf(until) else max(until - clock.now(), 1e-3)
+        try:
+            first = asyncio.FIRST_COMPLETED
+            await asyncio.wait(tasks, timeout=timeout, return_when=first)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    @contextlib.contextmanager
+    def _swap_span(self, model: OnDemandModel, victims: list[OnDemandModel]) -> Iterator[None]:
+        """A span around the unloads that make room (the OpenTelemetry API only: without a
+        tracer, nothing). It nests under the current span: the wait of the request, or the
+        admin action, that started ``model``."""
+        if self.tracer is None:
+            yield
+            return
+        attributes = {
+            "vllm_gateway.model": model.name,
+            "vllm_gateway.swap.unloaded": [v.name for v in victims],
+            "vllm_gateway.swap.states": [str(v.state) for v in victims],
+        }
+        with self.tracer.start_as_current_span("backends.swap", attributes=attributes):
+            yield
 
     def held(self, without: OnDemandModel | None = None) -> dict[int, float]:
         """GPU -> the shares held on it now: always-on models, and on-demand models from their
-        start until their servers have ended."""
+        start until their servers have ended, server by server (``OnDemandModel.holds``)."""
         held = dict(self.always_on)
         for m in self.models.values():
-            if m is without or m.state is ModelState.STOPPED:
+            if m is without:
                 continue
-            usage = m.asleep_usage if m.state is ModelState.ASLEEP else m.usage
-            for gpu, share in usage.items():
+            for gpu, share in m.holds().items():
                 held[gpu] = held.get(gpu, 0.0) + share
         return held
 
@@ -102,28 +258,50 @@ class Switchboard:
         usage = {name: m.usage for name, m in self.models.items()}
         return never_together(usage, self.always_on)
 
+    # Pinned models: loaded with the gateway, never swapped out.
+
+    def start(self) -> None:
+        for model in self.models.values():
+            self.keep_loaded(model)
+
+    def keep_loaded(self, model: OnDemandModel) -> None:
+        """Load a `pinned` model (once: not again while its load goes on)."""
+        if not model.config.pinned or self.closing:
+            return
+        if (task := self._pins.get(model)) is not None and not task.done():
+            return
+        self._pins[model] = asyncio.create_task(self._pin(model), name=f"pin:{model.name}")
+
+    async def _pin(self, model: OnDemandModel) -> None:
+        try:
+            await model.ready()
+        except Unavailable as exc:
+            log.error(
+                "%s: pinned, but could not be loaded (its next request tries again): %s",
+                model.name,
+                exc,
+            )
+
+    def add(self, model: OnDemandModel) -> OnDemandModel:
+        """A model a reload added."""
+        self.models[model.name] = model
+        model.board = self
+        self.keep_loaded(model)
+        return model
+
+    async def remove(self, model: OnDemandModel) -> None:
+        """A model a reload removed: no more starts, nor an idle timer."""
+        self.models.pop(model.name, None)
+        if (task := self._pins.pop(model, None)) is not None:
+            task.cancel()
+        await model.close()
+
     async def close(self) -> None:
         self.closing = True
+        for task in self._pins.values():
+            task.cancel()
         for model in self.models.values():
             await model.close()
-
-
-def _lru(model: OnDemandModel) -> float:
-    return model.last_used
-
-
-def _frees(model: OnDemandModel) -> dict[int, float]:
-    """What unloading the model gives back per GPU: all of an asleep model's little; an awake
-    model that sleeps keeps its asleep share, one that stops keeps nothing."""
-    if model.state is ModelState.ASLEEP:
-        return model.asleep_usage
-    if model.config.unload == "sleep":
-        return {g: s - model.asleep_usage.get(g, 0.0) for g, s in model.usage.items()}
-    return model.usage
-
-
-def _limit() -> float:
-    return MAX_SHARE_PER_GPU + _SLACK
 
 
 def never_together(
@@ -137,6 +315,6 @@ def never_together(
         for second in names[i + 1 :]:
             for gpu in sorted(set(usage[first]) & set(usage[second])):
                 total = always_on.get(gpu, 0.0) + usage[first][gpu] + usage[second][gpu]
-                if total > _limit():
+                if total > limit():
                     found.setdefault(gpu, []).append((first, second))
     return dict(sorted(found.items()))

@@ -1,10 +1,11 @@
 """The access log: one line per request relayed or refused, written in batches to the log stream.
 
 Through `logging`, a line costs a LogRecord, the formatter, the handler's lock and one write
-per line: a large share of a relayed request's CPU (README, "Observability"). Here a line is one
+per line: a large share of a relayed request's CPU (docs/observability.md). Here a line is one
 format call, and lines are written together every 0.1 s (sooner past 32 KB), so one write
 carries every request finished meanwhile. Lines look like `gateway.logs`'s, text or JSON, and
-go to the same stream (stderr); they may trail other log lines by up to 0.1 s.
+go to the same stream (stderr); they may trail other log lines by up to 0.1 s. A request that
+fell back names each move (`fallbacks=a->b:unavailable`); its `model` is the one that answered.
 """
 
 from __future__ import annotations
@@ -102,10 +103,16 @@ def _fields(record: RequestRecord, duration: float) -> dict[str, object]:
         fields["ttfb_ms"] = round(record.ttfb * 1000, 2)
     if record.start_wait is not None:
         fields["start_wait_ms"] = round(record.start_wait * 1000, 2)
+    if record.queue_wait is not None:
+        fields["queue_wait_ms"] = round(record.queue_wait * 1000, 2)
     if record.usage is not None:
         fields["prompt_tokens"], fields["completion_tokens"] = record.usage
     if record.error is not None:
         fields["error"] = record.error
+    if record.fallbacks is not None:
+        fields["fallbacks"] = [
+            {"model": m.model, "to": m.to, "reason": m.reason} for m in record.fallbacks
+        ]
     return fields
 
 
@@ -121,10 +128,14 @@ def _text_line(stamp: str, record: RequestRecord, duration: float) -> str:
         line += f" ttfb_ms={round(r.ttfb * 1000, 2)}"
     if r.start_wait is not None:
         line += f" start_wait_ms={round(r.start_wait * 1000, 2)}"
+    if r.queue_wait is not None:
+        line += f" queue_wait_ms={round(r.queue_wait * 1000, 2)}"
     if r.usage is not None:
         line += f" prompt_tokens={r.usage[0]} completion_tokens={r.usage[1]}"
     if r.error is not None:
         line += f" error={r.error}"
+    if r.fallbacks is not None:
+        line += " fallbacks=" + ",".join(f"{m.model}->{m.to}:{m.reason}" for m in r.fallbacks)
     return line + "\n"
 
 

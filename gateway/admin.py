@@ -3,8 +3,10 @@
     GET  /admin/models                 every model: state, since when, last request, last load
                                        time, requests in flight and waiting
     POST /admin/models/{name}/load     start an on-demand model; answers once it is ready
-    POST /admin/models/{name}/unload   drain an on-demand model, then stop it
+    POST /admin/models/{name}/stop     drain an on-demand model, then stop its servers
     POST /admin/models/{name}/sleep    drain it, then put it to sleep (`?level=1|2`)
+    POST /admin/models/{name}/unload   deprecated name of /stop: `on_demand.unload: sleep`
+                                       sleeps, while this always stopped, so it was renamed
     POST /admin/models/{name}/wake     wake an asleep model; answers once it is ready
     POST /admin/models/{base}/adapters, DELETE .../adapters/{name}   ``gateway.admin_adapters``
 
@@ -15,6 +17,7 @@ writes one access-log line: the key's name, the action, the model and how it end
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,13 +26,17 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from backends.on_demand import ModelState, OnDemandModel, Unavailable
+from backends.lifecycle import BackendState
+from backends.on_demand import OnDemandModel, policy_of
 from backends.sleep_mode import LEVELS
-from gateway.errors import GatewayError, InvalidRequest, ModelNotStarted
+from gateway.backend_errors import backend_errors
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.keys import SCOPE_KEY, ApiKey
 from gateway.routing import RouteTable
 from gateway.status import model_document
 from gateway.telemetry import Telemetry
+
+log = logging.getLogger("vllm_gateway.admin")
 
 
 def add_admin_routes(api: FastAPI, table: RouteTable, telemetry: Telemetry) -> None:
@@ -41,21 +48,24 @@ def add_admin_routes(api: FastAPI, table: RouteTable, telemetry: Telemetry) -> N
     async def load(name: str, request: Request) -> Response:
         model = _on_demand(table, name)
         async with action(telemetry, request, "load", model.name) as outcome:
-            try:
+            with backend_errors():
                 await model.ready()
-            except Unavailable as exc:
-                raise ModelNotStarted.because(exc) from None
             outcome["result"] = "ready"
         return json_response(model_document(table.resolve(name).pool))
 
+    @api.post("/admin/models/{name:path}/stop")
+    async def stop(name: str, request: Request) -> Response:
+        return await _stop(table, telemetry, name, request, "stop")
+
     @api.post("/admin/models/{name:path}/unload")
     async def unload(name: str, request: Request) -> Response:
-        model = _on_demand(table, name)
-        async with action(telemetry, request, "unload", model.name) as outcome:
-            if model.state is not ModelState.STOPPED:
-                await model.unload("admin unload", stop=True)
-            outcome["result"] = str(model.state)
-        return json_response(model_document(table.resolve(name).pool))
+        log.warning(
+            "POST /admin/models/%s/unload is deprecated: it always stops (whatever "
+            "`on_demand.unload` says); call POST /admin/models/%s/stop",
+            name,
+            name,
+        )
+        return await _stop(table, telemetry, name, request, "unload")
 
     @api.post("/admin/models/{name:path}/sleep")
     async def sleep(name: str, request: Request, level: int | None = None) -> Response:
@@ -75,22 +85,31 @@ def add_admin_routes(api: FastAPI, table: RouteTable, telemetry: Telemetry) -> N
     @api.post("/admin/models/{name:path}/wake")
     async def wake(name: str, request: Request) -> Response:
         model = _on_demand(table, name)
-        if model.state is not ModelState.ASLEEP:
+        if model.state is not BackendState.ASLEEP:
             raise InvalidRequest(f"Model {model.name!r} is not asleep (it is {model.state}).")
         async with action(telemetry, request, "wake", model.name) as outcome:
-            try:
+            with backend_errors():
                 await model.ready()
-            except Unavailable as exc:
-                raise ModelNotStarted.because(exc) from None
             outcome["result"] = str(model.state)
         return json_response(model_document(table.resolve(name).pool))
 
 
+async def _stop(
+    table: RouteTable, telemetry: Telemetry, name: str, request: Request, called: str
+) -> Response:
+    model = _on_demand(table, name)
+    async with action(telemetry, request, called, model.name) as outcome:
+        await model.unload("admin stop", stop=True)  # a stopped model stays so
+        outcome["result"] = str(model.state)
+    return json_response(model_document(table.resolve(name).pool))
+
+
 def _on_demand(table: RouteTable, name: str) -> OnDemandModel:
     pool = table.resolve(name).pool  # ModelNotFound (404) for a name it does not know
-    if pool.on_demand is None:
+    model = policy_of(pool)
+    if model is None:
         raise InvalidRequest(f"Model {pool.name!r} is always on; only on-demand models load.")
-    return pool.on_demand
+    return model
 
 
 @contextlib.asynccontextmanager
@@ -99,17 +118,23 @@ async def action(
 ) -> AsyncIterator[dict[str, str]]:
     """Times one admin action and writes its access-log line, whichever way it ends."""
     key: ApiKey | None = request.scope.get(SCOPE_KEY)
+    name = key.name if key else "-"
     outcome = {"result": "cancelled"}
     began = time.perf_counter()
-    try:
-        yield outcome
-    except GatewayError as exc:
-        outcome["result"] = exc.code or "error"
-        raise
-    finally:
-        telemetry.admin_action(
-            key.name if key else "-", action, model, outcome["result"], time.perf_counter() - began
-        )
+    tracing = telemetry.tracing  # [trace hook: one span per admin action]
+    spanned = tracing.admin(action, model, name, request.scope["headers"]) if tracing else None
+    with spanned or contextlib.nullcontext() as span:
+        try:
+            yield outcome
+        except GatewayError as exc:
+            outcome["result"] = exc.code or "error"
+            raise
+        finally:
+            if span is not None:
+                span.set_attribute("vllm_gateway.admin.result", outcome["result"])
+            telemetry.admin_action(
+                name, action, model, outcome["result"], time.perf_counter() - began
+            )
 
 
 def json_response(document: Any) -> Response:

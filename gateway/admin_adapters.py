@@ -14,34 +14,39 @@ admitted.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, TypeGuard
 
+import httpx
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from backends import adapters
-from backends.adapters import AdapterBook, AdapterError
+from backends.adapters import AdapterBook
+from backends.errors import AdapterError
 from backends.http import client_for
 from backends.lifecycle import BackendState
 from backends.pool import Replica, ReplicaPool
 from gateway import waits
 from gateway.admin import action, json_response
-from gateway.errors import (
-    AdapterNotFound,
-    BackendUnavailable,
-    BadGateway,
-    Conflict,
-    InvalidRequest,
-    ModelNotFound,
-)
+from gateway.backend_errors import adapter_failure
+from gateway.errors import BackendUnavailable, Conflict, InvalidRequest, ModelNotFound
 from gateway.routing import RouteTable
 from gateway.telemetry import Telemetry
 
+CALL_TIMEOUT = httpx.Timeout(adapters.CALL_TIMEOUT)  # unless the config's connect timeout
+
 
 def add_adapter_routes(
-    api: FastAPI, table: RouteTable, telemetry: Telemetry, book: AdapterBook
+    api: FastAPI,
+    table: RouteTable,
+    telemetry: Telemetry,
+    book: AdapterBook,
+    connect_timeout: float = adapters.CALL_TIMEOUT,
 ) -> None:
+    """``connect_timeout``: seconds to open a connection to a replica (`timeouts.connect`)."""
+    timeout = httpx.Timeout(adapters.CALL_TIMEOUT, connect=connect_timeout)
+
     @api.post("/admin/models/{base}/adapters")
     async def load(base: str, request: Request) -> Response:
         pool = _base(table, base)
@@ -54,7 +59,7 @@ def add_adapter_routes(
                 f"No replica of {pool.name!r} is ready.", retry_after=waits.RETRY_LOADING
             )
         async with action(telemetry, request, "load_adapter", f"{pool.name}/{name}") as outcome:
-            await _load_everywhere(replicas, name, path)
+            await _load_everywhere(replicas, name, path, timeout)
             book.add(pool.name, name, path)
             outcome["result"] = "loaded"
         return json_response(
@@ -70,45 +75,47 @@ def add_adapter_routes(
         async with action(telemetry, request, "unload_adapter", f"{pool.name}/{name}") as outcome:
             book.remove(pool.name, name)  # first: a replica restarting now must not get it back
             results = await asyncio.gather(
-                *(_on(r, adapters.unload, name) for r in holders), return_exceptions=True
+                *(_on(r, timeout, adapters.unload, name) for r in holders),
+                return_exceptions=True,
             )
+            if bugs := [r for r in results if _unexpected(r)]:
+                raise bugs[0]  # not a refusal: the boundary shows it
             failed = [r for r in results if isinstance(r, AdapterError)]
             if failed:
-                raise BadGateway(_failures("unloading", name, failed))
+                raise adapter_failure("unloading", name, failed, alike=False)
             outcome["result"] = "unloaded"
         return json_response({"name": name, "parent": pool.name, "replicas": len(holders)})
 
 
-async def _on(replica: Replica, call: Any, *args: str) -> None:
+async def _on(replica: Replica, timeout: httpx.Timeout, call: Any, *args: str) -> None:
     """One adapter call on one replica, through a client that reaches it (TCP or its socket)."""
-    async with client_for(replica, adapters.CALL_TIMEOUT) as client:
+    async with client_for(replica, timeout) as client:
         await call(client, replica, *args)
 
 
-async def _load_everywhere(replicas: list[Replica], name: str, path: str) -> None:
+async def _load_everywhere(
+    replicas: list[Replica], name: str, path: str, timeout: httpx.Timeout = CALL_TIMEOUT
+) -> None:
     results = await asyncio.gather(
-        *(_on(r, adapters.load, name, path) for r in replicas), return_exceptions=True
+        *(_on(r, timeout, adapters.load, name, path) for r in replicas), return_exceptions=True
     )
     failed = [r for r in results if isinstance(r, BaseException)]
     if not failed:
         return
     loaded = [rep for rep, res in zip(replicas, results, strict=True) if res is None]
-    await asyncio.gather(*(_on(r, adapters.unload, name) for r in loaded), return_exceptions=True)
+    await asyncio.gather(
+        *(_on(r, timeout, adapters.unload, name) for r in loaded), return_exceptions=True
+    )
+    if bugs := [r for r in results if _unexpected(r)]:
+        raise bugs[0]  # not a refusal: the boundary shows it
     errors = [e for e in failed if isinstance(e, AdapterError)]
-    if len(errors) != len(failed):
-        raise failed[0]
-    if not loaded and len({(e.status, e.message) for e in errors}) == 1:
-        first = errors[0]  # every replica refused alike: vLLM's own answer
-        if first.status == 404:
-            raise AdapterNotFound(first.message, param="path")
-        if 400 <= first.status < 500:
-            raise InvalidRequest(first.message, param="path")
-    raise BadGateway(_failures("loading", name, errors))
+    alike = not loaded and len({(e.status, e.message) for e in errors}) == 1
+    raise adapter_failure("loading", name, errors, alike)
 
 
-def _failures(doing: str, name: str, errors: list[AdapterError]) -> str:
-    each = "; ".join(f"{e.replica.url}: {e.status or 'no answer'} {e.message}" for e in errors)
-    return f"{doing} adapter {name!r} failed on {len(errors)} replica(s): {each}"
+def _unexpected(result: object) -> TypeGuard[BaseException]:
+    """An exception an adapter call raised that is not a server's refusal: a bug."""
+    return isinstance(result, BaseException) and not isinstance(result, AdapterError)
 
 
 def _base(table: RouteTable, name: str) -> ReplicaPool:

@@ -20,7 +20,7 @@ from backends.pool import ReplicaPool
 from gateway import waits
 from gateway.errors import GatewayError
 from gateway.routing import RouteTable
-from gateway.upstream import UpstreamClients, bearer, upstream_errors
+from gateway.upstream import UpstreamClients, Upstreams, bearer, upstream_errors
 
 
 class ModelCatalog:
@@ -43,7 +43,11 @@ class ModelCatalog:
 
     async def _learn_max_lens(self) -> None:
         await asyncio.gather(
-            *(self._learn_max_len(p) for p in self.table.pools if p.max_model_len is None)
+            *(
+                learn_max_model_len(self.clients, p)
+                for p in self.table.pools
+                if p.max_model_len is None
+            )
         )
 
     def _card(self, name: str, allowed: frozenset[str] | None) -> dict[str, Any]:
@@ -62,23 +66,26 @@ class ModelCatalog:
             card["max_model_len"] = pool.max_model_len
         return card
 
-    async def _learn_max_len(self, pool: ReplicaPool) -> None:
-        replica = pool.pick()
-        if replica is None:
+
+async def learn_max_model_len(clients: Upstreams, pool: ReplicaPool) -> None:
+    """Ask a ready replica's /v1/models for the model's context length, and keep it in
+    ``pool.max_model_len``; a backend that does not answer is asked again next time."""
+    replica = pool.pick()
+    if replica is None:
+        return
+    headers = [bearer(replica.api_key)] if replica.api_key else []
+    try:
+        with upstream_errors(pool.name):
+            status, _, body = await clients.get(
+                replica.url, replica.uds, "/v1/models", headers, waits.MODEL_LOOKUP
+            )
+        if status != 200:
             return
-        headers = [bearer(replica.api_key)] if replica.api_key else []
-        try:
-            with upstream_errors(pool.name):
-                status, _, body = await self.clients.get(
-                    replica.url, replica.uds, "/v1/models", headers, waits.MODEL_LOOKUP
-                )
-                if status != 200:
-                    return
-                doc = orjson.loads(body)
-        except GatewayError:
-            return  # listed without its context length; asked again next time
-        cards = doc.get("data") if isinstance(doc, dict) else None
-        if not isinstance(cards, list):
-            return
-        lengths = [c.get("max_model_len") for c in cards if isinstance(c, dict)]
-        pool.max_model_len = next((n for n in lengths if isinstance(n, int)), None)
+        doc = orjson.loads(body)
+    except (GatewayError, orjson.JSONDecodeError):
+        return  # listed without its context length; asked again next time
+    cards = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(cards, list):
+        return
+    lengths = [c.get("max_model_len") for c in cards if isinstance(c, dict)]
+    pool.max_model_len = next((n for n in lengths if isinstance(n, int)), None)

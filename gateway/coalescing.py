@@ -34,8 +34,8 @@ class CoalescingCycle(RequestResponseCycle):
     async def send(self, message: Any) -> None:
         if self.flow.write_paused and not self.disconnected:
             await self.flow.drain()
-        if self.disconnected:
-            return
+        if self.disconnected or self.transport.is_closing():
+            return  # the client is gone (uvloop raises on a write to a closed transport)
         kind = message["type"]
         if not self.response_started:
             if kind != "http.response.start":

@@ -19,11 +19,14 @@ from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.exceptions import HTTPException
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.types import ASGIApp
 
 from backends.adapters import AdapterBook
 from gateway import waits
 from gateway.admin import add_admin_routes, json_response
 from gateway.admin_adapters import add_adapter_routes
+from gateway.admin_reload import add_reload_route
 from gateway.catalog import ModelCatalog
 from gateway.errors import (
     BackendUnavailable,
@@ -34,6 +37,7 @@ from gateway.errors import (
     RouteNotFound,
 )
 from gateway.keys import SCOPE_KEY, ApiKey
+from gateway.reload import Reloader
 from gateway.request import read_head
 from gateway.status import StatusReport
 from gateway.telemetry import Telemetry
@@ -47,10 +51,23 @@ class ControlParts:
     status: StatusReport
     clients: UpstreamClients
     adapters: AdapterBook
+    reloader: Reloader
+
+
+class ControlApi(FastAPI):
+    """FastAPI without its outermost ``ServerErrorMiddleware``, which answers an unexpected
+    exception in plain text and re-raises it for the server to log: the gateway's boundary
+    (``gateway.boundary``) answers it in OpenAI's shape and logs it, once."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        if isinstance(stack, ServerErrorMiddleware):
+            return stack.app
+        raise TypeError(f"FastAPI's outermost middleware is {type(stack).__name__} now")
 
 
 def control_api(parts: ControlParts) -> FastAPI:
-    api = FastAPI(title="vllm-gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    api = ControlApi(title="vllm-gateway", docs_url=None, redoc_url=None, openapi_url=None)
     registry = parts.telemetry.metrics.registry
     Instrumentator(excluded_handlers=["/metrics"], registry=registry).instrument(api)
     page = resources.files("gateway").joinpath("status.html").read_bytes()
@@ -73,6 +90,7 @@ def control_api(parts: ControlParts) -> FastAPI:
 
     @api.get("/metrics")
     async def metrics() -> Response:
+        await parts.telemetry.gathered()
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/backends/{model}/metrics")
@@ -86,10 +104,14 @@ def control_api(parts: ControlParts) -> FastAPI:
 
     @api.get("/status.json")
     async def status_json() -> Response:
+        await parts.telemetry.gathered()
         return json_response(parts.status.document())
 
     add_admin_routes(api, parts.catalog.table, parts.telemetry)
-    add_adapter_routes(api, parts.catalog.table, parts.telemetry, parts.adapters)
+    add_adapter_routes(
+        api, parts.catalog.table, parts.telemetry, parts.adapters, parts.clients.connect_timeout
+    )
+    add_reload_route(api, parts.reloader)
 
     @api.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:

@@ -10,9 +10,11 @@ vLLM writes its own there, so Anthropic's SDK raises its usual exceptions.
     ├── InvalidRequest                400 invalid_request_error
     │   ├── InvalidJSON               400   code invalid_json
     │   ├── InvalidBody               400   code invalid_body (valid JSON, not an object)
-    │   └── InvalidModel              400   code invalid_model (param model)
+    │   ├── InvalidModel              400   code invalid_model (param model)
+    │   └── InvalidPriority           400   code invalid_priority (the priority header)
     ├── AuthenticationFailed          401 authentication_error / invalid_api_key
     ├── PermissionDenied              403 permission_error / insufficient_permissions
+    │   └── PriorityNotAllowed        403   code priority_not_allowed (outside its key's range)
     ├── ModelNotFound                 404 invalid_request_error / model_not_found
     ├── RouteNotFound                 404 invalid_request_error / not_found
     ├── AdapterNotFound               404 invalid_request_error / adapter_not_found
@@ -22,26 +24,31 @@ vLLM writes its own there, so Anthropic's SDK raises its usual exceptions.
     ├── PayloadTooLarge               413 invalid_request_error / payload_too_large
     ├── UnsupportedMediaType          415 invalid_request_error / unsupported_media_type
     ├── RateLimited                   429 rate_limit_error / rate_limit_exceeded (Retry-After)
+    │   └── Overloaded                429   code queue_full: the model's queue (Retry-After)
+    │       └── QueueTimedOut         429   code queue_timeout: waited its `max_wait`
     ├── HeadersTooLarge               431 invalid_request_error / request_header_fields_too_large
     ├── BadGateway                    502 upstream_error / bad_gateway
     ├── BackendUnavailable            503 service_unavailable / backend_unavailable
     │   ├── BackendLoading            503   code backend_loading (with Retry-After)
-    │   └── ModelNotStarted           503   code model_not_started (on-demand; Retry-After)
+    │   ├── ModelNotStarted           503   code model_not_started (on-demand; Retry-After)
+    │   │   └── MaxWaitExceeded       503   code max_wait_exceeded (x-vllm-gateway-max-wait)
+    │   └── ControlPlaneUnavailable   503   code control_plane_unavailable (workers: N)
+    ├── LimitsUnavailable             503 service_unavailable / limits_unavailable (Retry-After)
     └── GatewayTimeout                504 timeout_error / upstream_timeout
 
 Errors of the HTTP client (gateway/h1/, the layer below) are translated into these in
-``gateway.upstream`` only.
+``gateway.upstream`` only, and the backends' errors (backends/errors.py) in
+``gateway.backend_errors`` only. Any other exception is a bug: the outer boundary
+(``gateway.boundary``) logs it and answers 500 ``internal_error``.
 """
 
 from __future__ import annotations
 
-import math
 from http import HTTPStatus
 from typing import ClassVar
 
 import orjson
 
-from backends.on_demand import Unavailable
 from gateway.types import Send
 
 
@@ -96,6 +103,10 @@ class InvalidModel(InvalidRequest):
     code = "invalid_model"
 
 
+class InvalidPriority(InvalidRequest):
+    code = "invalid_priority"
+
+
 class AuthenticationFailed(GatewayError):
     status = 401
     type = "authentication_error"
@@ -106,6 +117,12 @@ class PermissionDenied(GatewayError):
     status = 403
     type = "permission_error"
     code = "insufficient_permissions"
+
+
+class PriorityNotAllowed(PermissionDenied):
+    """The priority header asks for more than the key's `priority_range` allows."""
+
+    code = "priority_not_allowed"
 
 
 class ModelNotFound(GatewayError):
@@ -166,6 +183,18 @@ class RateLimited(GatewayError):
     code = "rate_limit_exceeded"
 
 
+class Overloaded(RateLimited):
+    """The model's queue is full (made from the backends' ``QueueFull``)."""
+
+    code = "queue_full"
+
+
+class QueueTimedOut(Overloaded):
+    """The request waited its model's `max_wait` for its turn (``QueueTimeout``)."""
+
+    code = "queue_timeout"
+
+
 class HeadersTooLarge(GatewayError):
     closes_connection = True
     status = 431
@@ -190,13 +219,33 @@ class BackendLoading(BackendUnavailable):
 
 
 class ModelNotStarted(BackendUnavailable):
-    """An on-demand model could not be started for this request (``backends.on_demand``)."""
+    """An on-demand model could not be started for this request (made from the backends'
+    own errors in ``gateway.backend_errors``)."""
 
     code = "model_not_started"
 
-    @classmethod
-    def because(cls, exc: Unavailable) -> ModelNotStarted:
-        return cls(str(exc), retry_after=max(1, math.ceil(exc.retry_after)))
+
+class ControlPlaneUnavailable(BackendUnavailable):
+    """A worker could not reach its control plane, which answers every path the worker does
+    not relay itself (``gateway.workers.forward``)."""
+
+    code = "control_plane_unavailable"
+
+
+class LimitsUnavailable(GatewayError):
+    """The shared limits store cannot be reached and `limits_store.on_error` is fail_closed:
+    a 503 (the gateway cannot serve it now), not a 429 (the key is not over its limit)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "limits_unavailable"
+
+
+class MaxWaitExceeded(ModelNotStarted):
+    """An on-demand model would not serve, or did not, within the wait its client allows
+    (`x-vllm-gateway-max-wait`, or its key's `max_wait`); the message has the estimate."""
+
+    code = "max_wait_exceeded"
 
 
 class GatewayTimeout(GatewayError):

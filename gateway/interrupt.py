@@ -22,17 +22,34 @@ CLIENT_GONE = "vllm_gateway.client_gone"  # the scope["extensions"] key of a Cli
 
 class ClientGone:
     """The server's half: it calls ``notify`` when the client leaves before the response ends,
-    and ``closing`` when the server begins to shut down with the request still open."""
+    and ``closing`` when the server begins to shut down with the request still open.
 
-    __slots__ = ("callback", "on_closing")
+    A departure is remembered: a callback set after it (the relay had not got that far when
+    the connection went) is called at once, so no departure is ever lost."""
+
+    __slots__ = ("_callback", "left", "on_closing")
 
     def __init__(self) -> None:
-        self.callback: Callable[[], None] | None = None
+        self._callback: Callable[[], None] | None = None
+        self.left = False
         self.on_closing: Callable[[], None] | None = None
 
+    @property
+    def callback(self) -> Callable[[], None] | None:
+        return self._callback
+
+    @callback.setter
+    def callback(self, callback: Callable[[], None] | None) -> None:
+        self._callback = callback
+        if callback is not None and self.left:
+            callback()
+
     def notify(self) -> None:
-        if self.callback is not None:
-            self.callback()
+        if self.left:
+            return  # told once
+        self.left = True
+        if self._callback is not None:
+            self._callback()
 
     def closing(self) -> None:
         if self.on_closing is not None:
@@ -57,6 +74,7 @@ class Interrupter:
         deadlines: Sweeper[Interrupter],
     ) -> None:
         self.reason: str | None = None
+        self._client_gone = False
         self._deadlines = deadlines
         self._task = task
         self._loop = loop
@@ -92,6 +110,16 @@ class Interrupter:
     def touch(self) -> None:
         self._last = self._loop.time()
 
+    def reset(self) -> None:
+        """Back to no deadline and no interruption, as new: a fallback takes the request on
+        from the start (after a deadline that interrupted, maybe). A client that left
+        meanwhile still interrupts, at once."""
+        self._deadlines.discard(self, self._loop)
+        self._limit = 0.0
+        self.reason = None
+        if self._client_gone:
+            self._interrupt(Reason.CLIENT_GONE)
+
     def stop(self) -> None:
         self._deadlines.discard(self, self._loop)
         self._limit = 0.0
@@ -113,6 +141,7 @@ class Interrupter:
                 return
 
     def _client_left(self) -> None:
+        self._client_gone = True
         self._interrupt(Reason.CLIENT_GONE)
 
     def _interrupt(self, reason: str) -> None:

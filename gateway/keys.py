@@ -20,7 +20,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.settings import ConfigError, GatewaySettings, KeySettings, load_keys_file
+from gateway.access_settings import KeySettings
+from gateway.config_file import ConfigError, load_keys_file
+from gateway.settings import GatewaySettings
+from gateway.traffic.priorities import LAST, number
 
 log = logging.getLogger("vllm_gateway.keys")
 
@@ -37,6 +40,11 @@ class ApiKey:
     max_concurrent: int | None = None
     admin: bool = False  # everything, /admin/* included
     monitor: bool = False  # the ops surfaces (metrics, status), read only
+    max_wait: float | None = None  # seconds its requests wait for an on-demand model, unless
+    # they say otherwise (x-vllm-gateway-max-wait)
+    priority: int = 0  # where its requests wait in a queue: lower goes first
+    priorities: tuple[int, int] = (0, LAST)  # first and last a request may ask for
+    weight: float = 1.0  # its share of turns among keys of one priority
 
     @property
     def limited(self) -> bool:
@@ -170,6 +178,10 @@ def api_key(entry: KeySettings, canonical: Mapping[str, str]) -> ApiKey:
         entry.max_concurrent,
         admin=entry.admin,
         monitor=entry.monitor or entry.admin,
+        max_wait=entry.max_wait,
+        priority=number(entry.priority),
+        priorities=entry.priorities,
+        weight=entry.weight,
     )
 
 

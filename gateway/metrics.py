@@ -3,36 +3,33 @@
 Per request the relay pays for a few dict updates (``GatewayMetrics``); nothing is counted
 per chunk. Gauges that describe state (requests in flight, open streams, backend state,
 restarts, health-check latency) are not updated on the request path at all: a collector reads
-them from the replica pools when /metrics is scraped.
+them from the replica pools when /metrics is scraped (``gateway.pool_metrics``).
 
-One process, one registry. The gateway runs as one asyncio process (spawn mode must: the
-backends belong to it), so there is no multiprocess aggregation to get wrong; more capacity
-comes from more gateway replicas, each scraped, summed by Prometheus.
+One registry per process. A gateway of several workers (``workers: N``) counts each request
+in the worker that relayed it; its control plane, which serves /metrics, asks every worker for
+its counts before it answers and shows their sum (``merged``, ``gateway.workers.shares``).
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Iterable, Iterator
-from itertools import accumulate
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
 
-from backends.lifecycle import BackendState
-from backends.on_demand import ModelState, OnDemandModel
 from backends.pool import ReplicaPool
+from gateway.histograms import Histogram, histogram_family, observe
+from gateway.pool_metrics import PoolCollector
 from gateway.record import RequestRecord
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
 class GatewayMetrics:
@@ -41,45 +38,123 @@ class GatewayMetrics:
     observe histograms in Python, on every request. The relay and the scrape share one event
     loop: no lock needed."""
 
-    def __init__(self, pools: Iterable[ReplicaPool]) -> None:
+    def __init__(self, pools: list[ReplicaPool], requests_by_key: bool = False) -> None:
+        """``requests_by_key`` (`metrics.requests_by_key`): requests get a `key` label too, a
+        series per key (thousands of keys make /metrics megabytes; tokens have it always)."""
         self.registry = CollectorRegistry()
-        self.requests: dict[tuple[str, str, str, str], int] = {}  # model, endpoint, status, key
-        self.duration: dict[tuple[str, str], _Histogram] = {}  # model, endpoint
-        self.ttfb: dict[tuple[str, str, str], _Histogram] = {}  # model, endpoint, stream
+        self.requests: dict[tuple[str, str, str], int] = {}  # model, endpoint, status
+        self.key_requests: dict[tuple[str, str, str, str], int] = {}  # ..., key (by key only)
+        self._by_key = requests_by_key
+        self.fallbacks: dict[tuple[str, str, str], int] = {}  # model, to, reason
+        self.duration: dict[tuple[str, str], Histogram] = {}  # model, endpoint
+        self.ttfb: dict[tuple[str, str, str], Histogram] = {}  # model, endpoint, stream
         self.tokens: dict[tuple[str, str, str], int] = {}  # model, key, kind
+        self.queue_wait: dict[tuple[str], Histogram] = {}  # model
+        # What /metrics shows instead of this process's own counts: all workers' together,
+        # set by a control plane before each scrape (``gateway.workers``).
+        self.merged: RequestCounts | None = None
+        self.merged_spans: SpanCounts | None = None  # likewise, the trace exporters' counts
         self.registry.register(_RequestCollector(self))
-        self.registry.register(PoolCollector(list(pools)))
+        self.registry.register(PoolCollector(pools))  # the gateway's list, read at each scrape
+
+    def counts(self) -> RequestCounts:
+        """This process's counts (the same dicts, not a copy)."""
+        return RequestCounts(
+            self.requests,
+            self.duration,
+            self.ttfb,
+            self.tokens,
+            self.key_requests,
+            self.fallbacks,
+            self.queue_wait,
+        )
+
+    def count_spans(self, counts: SpanCounts) -> None:
+        """Tracing is on: what its exporter does with the spans shows in /metrics too."""
+        self.registry.register(_SpanCollector(counts, self))
+
+    @property
+    def requests_by_key(self) -> bool:
+        return self._by_key
+
+    @requests_by_key.setter
+    def requests_by_key(self, on: bool) -> None:
+        """A reload may turn it on (each key's series starts at 0) or off (they go)."""
+        self._by_key = on
+        if not on:
+            self.key_requests.clear()
 
     def observe(self, record: RequestRecord, duration: float) -> None:
         """One finished request."""
         model, endpoint, key, usage = record.model, record.endpoint, record.key, record.usage
-        labels = (model, endpoint, str(record.status), key)
+        labels = (model, endpoint, str(record.status))
         self.requests[labels] = self.requests.get(labels, 0) + 1
-        _observe(self.duration, (model, endpoint), LATENCY_BUCKETS, duration)
+        if self._by_key:
+            by_key = (*labels, key)
+            self.key_requests[by_key] = self.key_requests.get(by_key, 0) + 1
+        if record.fallbacks is not None:
+            for move in record.fallbacks:
+                moved = (move.model, move.to, move.reason)
+                self.fallbacks[moved] = self.fallbacks.get(moved, 0) + 1
+        observe(self.duration, (model, endpoint), LATENCY_BUCKETS, duration)
         if record.ttfb is not None:
             stream_label = "true" if record.stream else "false"
-            _observe(self.ttfb, (model, endpoint, stream_label), TTFB_BUCKETS, record.ttfb)
+            observe(self.ttfb, (model, endpoint, stream_label), TTFB_BUCKETS, record.ttfb)
+        if record.queue_wait is not None:
+            observe(self.queue_wait, (model,), QUEUE_BUCKETS, record.queue_wait)
         if usage is not None:
             for kind, count in (("prompt", usage[0]), ("completion", usage[1])):
-                self.tokens[(model, key, kind)] = self.tokens.get((model, key, kind), 0) + count
+                if count:  # an embedder's completions: no series of zeros per key
+                    series = (model, key, kind)
+                    self.tokens[series] = self.tokens.get(series, 0) + count
 
 
-class _Histogram:
-    __slots__ = ("counts", "total")
+@dataclass(slots=True)
+class RequestCounts:
+    """The per-request series, as ``GatewayMetrics`` counts them."""
 
-    def __init__(self, buckets: int) -> None:
-        self.counts = [0] * (buckets + 1)  # per bucket, not cumulative; the last is +Inf
-        self.total = 0.0
+    requests: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    duration: dict[tuple[str, str], Histogram] = field(default_factory=dict)
+    ttfb: dict[tuple[str, str, str], Histogram] = field(default_factory=dict)
+    tokens: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    key_requests: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
+    fallbacks: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    queue_wait: dict[tuple[str], Histogram] = field(default_factory=dict)  # model
 
 
-def _observe(
-    histograms: dict[Any, _Histogram], labels: Any, bounds: tuple[float, ...], value: float
-) -> None:
-    histogram = histograms.get(labels)
-    if histogram is None:
-        histogram = histograms[labels] = _Histogram(len(bounds))
-    histogram.counts[bisect_left(bounds, value)] += 1  # the first bound >= value: `le`
-    histogram.total += value
+@dataclass(slots=True)
+class SpanCounts:
+    """What the trace exporter did with the spans it was handed (``gateway.tracing`` counts,
+    each count from one thread only; /metrics reads)."""
+
+    exported: int = 0
+    queue_full: int = 0  # dropped: the export queue was full (the collector is slow or down)
+    export_failed: int = 0  # dropped: the collector refused them or could not be reached
+
+
+class _SpanCollector(Collector):
+    def __init__(self, counts: SpanCounts, metrics: GatewayMetrics) -> None:
+        self.own = counts
+        self.metrics = metrics
+
+    @property
+    def counts(self) -> SpanCounts:
+        return self.metrics.merged_spans or self.own
+
+    def collect(self) -> Iterator[Metric]:
+        exported = CounterMetricFamily(
+            "vllm_gateway_trace_spans_exported", "Spans the trace exporter delivered."
+        )
+        exported.add_metric([], self.counts.exported)
+        dropped = CounterMetricFamily(
+            "vllm_gateway_trace_spans_dropped",
+            "Spans the trace exporter dropped, by reason (queue_full, export_failed).",
+            labels=["reason"],
+        )
+        dropped.add_metric(["queue_full"], self.counts.queue_full)
+        dropped.add_metric(["export_failed"], self.counts.export_failed)
+        yield exported
+        yield dropped
 
 
 class _RequestCollector(Collector):
@@ -87,14 +162,31 @@ class _RequestCollector(Collector):
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        m = self.metrics
-        requests = CounterMetricFamily(
-            "vllm_gateway_requests",
-            "Relayed requests by model, endpoint, HTTP status and API key name.",
-            labels=["model", "endpoint", "status", "key"],
+        m = self.metrics.merged or self.metrics.counts()
+        if self.metrics.requests_by_key:
+            requests = CounterMetricFamily(
+                "vllm_gateway_requests",
+                "Relayed requests by model, endpoint, HTTP status and API key name.",
+                labels=["model", "endpoint", "status", "key"],
+            )
+            for key_labels, count in list(m.key_requests.items()):
+                requests.add_metric(key_labels, count)
+        else:
+            requests = CounterMetricFamily(
+                "vllm_gateway_requests",
+                "Relayed requests by model, endpoint and HTTP status.",
+                labels=["model", "endpoint", "status"],
+            )
+            for request_labels, count in list(m.requests.items()):
+                requests.add_metric(request_labels, count)
+        fallbacks = CounterMetricFamily(
+            "vllm_gateway_fallbacks",
+            "Requests moved from a model to a fallback, by the reason (unavailable, "
+            "overloaded, timeout, context_length); a request moved twice counts twice.",
+            labels=["model", "to", "reason"],
         )
-        for request_labels, count in list(m.requests.items()):
-            requests.add_metric(request_labels, count)
+        for moved, count in list(m.fallbacks.items()):
+            fallbacks.add_metric(moved, count)
         tokens = CounterMetricFamily(
             "vllm_gateway_tokens",
             "Tokens by model, API key name and kind (prompt, completion), from backend usage.",
@@ -103,14 +195,15 @@ class _RequestCollector(Collector):
         for token_labels, count in list(m.tokens.items()):
             tokens.add_metric(token_labels, count)
         yield requests
-        yield _histogram_family(
+        yield fallbacks
+        yield histogram_family(
             "vllm_gateway_request_duration_seconds",
             "Time from the request's arrival to the last byte of its response.",
             ["model", "endpoint"],
             LATENCY_BUCKETS,
             m.duration,
         )
-        yield _histogram_family(
+        yield histogram_family(
             "vllm_gateway_time_to_first_byte_seconds",
             "Time from a request's arrival to the first body byte sent to the client "
             "(for a stream: its first event).",
@@ -118,149 +211,12 @@ class _RequestCollector(Collector):
             TTFB_BUCKETS,
             m.ttfb,
         )
+        yield histogram_family(
+            "vllm_gateway_queue_wait_seconds",
+            "Time a request waited in its model's queue for its turn (an on-demand start "
+            "included), for models with a queue.",
+            ["model"],
+            QUEUE_BUCKETS,
+            m.queue_wait,
+        )
         yield tokens
-
-
-def _histogram_family(
-    name: str,
-    documentation: str,
-    labels: list[str],
-    bounds: tuple[float, ...],
-    histograms: dict[Any, _Histogram],
-) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, documentation, labels=labels)
-    edges = [str(float(b)) for b in bounds] + ["+Inf"]  # as prometheus_client writes `le`
-    for label_values, histogram in list(histograms.items()):
-        buckets = list(zip(edges, accumulate(histogram.counts), strict=True))
-        family.add_metric(list(label_values), buckets, histogram.total)
-    return family
-
-
-class PoolCollector(Collector):
-    """State read from the pools at scrape time, so the request path never updates it."""
-
-    def __init__(self, pools: list[ReplicaPool]) -> None:
-        self.pools = pools
-        self.on_demand = _OnDemandSeries()
-
-    def collect(self) -> Iterator[Metric]:
-        in_flight = GaugeMetricFamily(
-            "vllm_gateway_requests_in_flight", "Requests being relayed, by model.", labels=["model"]
-        )
-        streams = GaugeMetricFamily(
-            "vllm_gateway_open_streams", "Streams being relayed, by model.", labels=["model"]
-        )
-        state = GaugeMetricFamily(
-            "vllm_gateway_backend_state",
-            "1 for each replica's current state (waiting, loading, ready, unhealthy, "
-            "restarting, failed, stopped).",
-            labels=["model", "replica", "state"],
-        )
-        restarts = CounterMetricFamily(
-            "vllm_gateway_backend_restarts",
-            "Times the gateway restarted a replica (spawn mode).",
-            labels=["model", "replica"],
-        )
-        kv_tokens = GaugeMetricFamily(
-            "vllm_gateway_kv_cache_tokens",
-            "KV cache of each spawned generative replica in tokens: expected from its GPU "
-            "slice, actual as vLLM reports it.",
-            labels=["model", "replica", "kind"],
-        )
-        health = GaugeMetricFamily(
-            "vllm_gateway_health_check_seconds",
-            "Latency of each replica's last health check.",
-            labels=["model", "replica"],
-        )
-        for pool in self.pools:
-            in_flight.add_metric([pool.name], sum(r.in_flight for r in pool.replicas))
-            streams.add_metric([pool.name], pool.open_streams)
-            for label, replica in pool.labelled():
-                labels = [pool.name, label]
-                for each in BackendState:
-                    state.add_metric([*labels, each.value], 1.0 if replica.state is each else 0.0)
-                restarts.add_metric(labels, replica.restarts)
-                if replica.health_latency is not None:
-                    health.add_metric(labels, replica.health_latency)
-                cache = replica.kv_cache
-                if cache is not None:
-                    for kind, tokens in (
-                        ("expected", cache.expected_tokens),
-                        ("actual", cache.actual_tokens),
-                    ):
-                        if tokens is not None:
-                            kv_tokens.add_metric([*labels, kind], tokens)
-        yield from (in_flight, streams, state, restarts, health, kv_tokens)
-        yield from self.on_demand.collect([p.on_demand for p in self.pools if p.on_demand])
-
-
-LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
-
-
-class _OnDemandSeries:
-    """On-demand models' states, read at scrape time; their load times are binned as they
-    are seen (a model keeps its recent ones only)."""
-
-    def __init__(self) -> None:
-        self.load_times: dict[tuple[str], _Histogram] = {}
-        self.wake_times: dict[tuple[str], _Histogram] = {}
-        self.seen: dict[tuple[str, str], int] = {}  # (model, loads|wakes) -> counted so far
-
-    def collect(self, models: list[OnDemandModel]) -> Iterator[Metric]:
-        state = GaugeMetricFamily(
-            "vllm_gateway_model_state",
-            "1 for each on-demand model's current state (stopped, starting, ready, draining, "
-            "sleeping, asleep, waking).",
-            labels=["model", "state"],
-        )
-        loads = CounterMetricFamily(
-            "vllm_gateway_model_loads", "Starts of each on-demand model.", labels=["model"]
-        )
-        waiting = GaugeMetricFamily(
-            "vllm_gateway_model_waiting_requests",
-            "Requests held while their on-demand model starts.",
-            labels=["model"],
-        )
-        sleeps = CounterMetricFamily(
-            "vllm_gateway_model_sleeps", "Times an on-demand model fell asleep.", labels=["model"]
-        )
-        wakes = CounterMetricFamily(
-            "vllm_gateway_model_wakes", "Times an on-demand model woke up.", labels=["model"]
-        )
-        for model in models:
-            for each in ModelState:
-                state.add_metric([model.name, each.value], 1.0 if model.state is each else 0.0)
-            loads.add_metric([model.name], model.loads)
-            sleeps.add_metric([model.name], model.sleeps)
-            wakes.add_metric([model.name], model.wakes)
-            waiting.add_metric([model.name], model.waiting)
-            self._bin(model.name, "loads", model.loads, model.load_times, self.load_times)
-            self._bin(model.name, "wakes", model.wakes, model.wake_times, self.wake_times)
-        yield from (state, loads, sleeps, wakes, waiting)
-        yield _histogram_family(
-            "vllm_gateway_model_load_seconds",
-            "Time from an on-demand model's start to its first ready server.",
-            ["model"],
-            LOAD_BUCKETS,
-            self.load_times,
-        )
-        yield _histogram_family(
-            "vllm_gateway_model_wake_seconds",
-            "Time from an asleep model's wake call to its servers serving again.",
-            ["model"],
-            LOAD_BUCKETS,
-            self.wake_times,
-        )
-
-    def _bin(
-        self,
-        model: str,
-        kind: str,
-        count: int,
-        recent: list[float],
-        histograms: dict[tuple[str], _Histogram],
-    ) -> None:
-        new = count - self.seen.get((model, kind), 0)
-        self.seen[(model, kind)] = count
-        for seconds in recent[-new:] if new > 0 else []:
-            _observe(histograms, (model,), LOAD_BUCKETS, seconds)

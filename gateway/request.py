@@ -11,10 +11,13 @@ import random
 import re
 from dataclasses import dataclass
 
-from gateway.errors import PayloadTooLarge
+from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.traffic.priorities import PRIORITY_HEADER
 from gateway.types import Receive
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+MAX_WAIT_HEADER = "x-vllm-gateway-max-wait"  # seconds the client waits for an on-demand model
+_MAX_WAIT = MAX_WAIT_HEADER.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,12 +25,16 @@ class RequestHead:
     content_type: str
     content_length: int | None
     request_id: bytes  # the client's, when well-formed and short; else a new one
+    max_wait: bytes | None = None  # its x-vllm-gateway-max-wait, as sent
+    priority: bytes | None = None  # the priority header, as sent (gateway.traffic)
 
 
 def read_head(headers: list[tuple[bytes, bytes]]) -> RequestHead:
     content_type = ""
     content_length: int | None = None
     request_id: bytes | None = None
+    max_wait: bytes | None = None
+    priority: bytes | None = None
     for name, value in headers:
         lname = name.lower()
         if lname == b"content-type":
@@ -36,7 +43,28 @@ def read_head(headers: list[tuple[bytes, bytes]]) -> RequestHead:
             content_length = int(value)
         elif lname == b"x-request-id" and _REQUEST_ID.match(value):
             request_id = value
-    return RequestHead(content_type, content_length, request_id or new_request_id())
+        elif lname == _MAX_WAIT:
+            max_wait = value
+        elif lname == PRIORITY_HEADER:
+            priority = value
+    request_id = request_id or new_request_id()
+    return RequestHead(content_type, content_length, request_id, max_wait, priority)
+
+
+def max_wait(head: RequestHead, default: float | None) -> float | None:
+    """Seconds the client will wait for its on-demand model: its header, else its key's
+    `max_wait`; None: as long as a start takes."""
+    if head.max_wait is None:
+        return default
+    try:
+        seconds = float(head.max_wait.decode("latin-1"))
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise InvalidRequest(
+            f"{MAX_WAIT_HEADER} must be a positive number of seconds, not {head.max_wait!r}."
+        )
+    return seconds
 
 
 def new_request_id() -> bytes:

@@ -65,13 +65,24 @@ class RouteTable:
         503 while loading) before any replica reports them."""
         self._routes: dict[str, Route] = {}
         self.pools: list[ReplicaPool] = []
+        self.replace(pools, adapters)
+
+    def replace(
+        self,
+        pools: Iterable[tuple[ReplicaPool, list[str]]],
+        adapters: Mapping[str, list[str]] | None = None,
+    ) -> None:
+        """Route by these from now on (a reload); a request routed already keeps its pool."""
+        routes: dict[str, Route] = {}
+        chosen: list[ReplicaPool] = []
         for pool, aliases in pools:
-            self.pools.append(pool)
-            self._routes[pool.name] = Route(pool, via_alias=False)
+            chosen.append(pool)
+            routes[pool.name] = Route(pool, via_alias=False)
             for alias in aliases:
-                self._routes[alias] = Route(pool, via_alias=True)
+                routes[alias] = Route(pool, via_alias=True)
             for adapter in (adapters or {}).get(pool.name, []):
-                self._routes[adapter] = Route(pool, via_alias=False, adapter=adapter)
+                routes[adapter] = Route(pool, via_alias=False, adapter=adapter)
+        self._routes, self.pools = routes, chosen
 
     def resolve(self, model: str, allowed: frozenset[str] | None = None) -> Route:
         """The route for a name. A model outside ``allowed`` is reported as not existing."""

@@ -7,12 +7,21 @@ memory or connections without end, so the protocol here refuses a head over
 seconds with 408 (a connection that never sent a byte is just closed). The body's size is
 bounded in ``gateway.request``. It also tells the relay when a client leaves mid-request
 (``gateway.interrupt``).
+
+A client's leaving is heard only while its connection is read: a reset or a close waits in
+the kernel until the next read or write, and for a non-stream answer the next write comes when
+the generation is over. uvicorn stops reading in two cases: a request body over 64 KiB
+(until the app asks for more, which the relay no longer does once the body is in) and a
+pipelined request (until the one before it is answered; then it also marked only the queued
+request as gone, never the one running). Here reading goes on: a body that is complete resumes
+it, and bytes behind a queued request are held, unparsed, up to ``HELD_LIMIT``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+from collections import deque
 from typing import Any, ClassVar
 
 import uvicorn
@@ -24,6 +33,8 @@ from gateway.interrupt import CLIENT_GONE, ClientGone
 from gateway.settings import GatewaySettings
 from gateway.sweeper import Sweeper
 from gateway.types import ASGIApp
+
+HELD_LIMIT = 1 << 16  # bytes behind a queued pipelined request read before reading stops
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -38,27 +49,39 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = self._parsed_bytes = 0
         self._in_head = True
         self._refusal: GatewayError | None = None
-        self._client_gone: ClientGone | None = None
+        # The requests not answered yet, the running one first, each with what tells its relay.
+        self._open: deque[tuple[RequestResponseCycle, ClientGone]] = deque()
+        self._held = bytearray()  # read behind a queued pipelined request, not yet parsed
         self.reading_since: float | None = self.loop.time()
         self.idle_since: float | None = None  # a kept-alive connection waiting for a request
         self.reads.add(self, self.loop)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reads.discard(self, self.loop)
-        super().connection_lost(exc)
-        gone, self._client_gone = self._client_gone, None
-        if gone is not None and self.cycle is not None and self.cycle.disconnected:
-            gone.notify()
+        super().connection_lost(exc)  # marks only the newest request (a queued one) as gone
+        for cycle, gone in self._open:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+                gone.notify()
+        self._open.clear()
+        self._held.clear()
 
     def shutdown(self) -> None:
         """The server begins to shut down: a request still waiting for a model start is told
         (``gateway.interrupt``); the rest finish as uvicorn lets them."""
-        if self._client_gone is not None and not (self.cycle and self.cycle.response_started):
-            self._client_gone.closing()
+        for cycle, gone in self._open:
+            if not cycle.response_started:
+                gone.closing()
         super().shutdown()
 
     def data_received(self, data: bytes) -> None:
         self.idle_since = None
+        if self.pipeline:  # a request waits for the one before it: parsed when that is done
+            self._held += data
+            if len(self._held) > HELD_LIMIT:
+                self.flow.pause_reading()  # a client that floods pipelined requests
+            return
         if self._in_head:
             self._head_bytes += len(data)
         super().data_received(data)
@@ -84,25 +107,38 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         # Tells the relay when its client leaves, instead of a task per request that waits on
         # `receive` for the disconnect.
-        self._client_gone = ClientGone()
+        gone = ClientGone()
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
-        extensions[CLIENT_GONE] = self._client_gone
+        extensions[CLIENT_GONE] = gone
         super().on_headers_complete()
         if type(self.cycle) is RequestResponseCycle:
             # uvicorn makes its cycle by name; this one holds the head for the first body
             # write (gateway.coalescing). Its task has not run yet, so every send is ours.
             self.cycle.__class__ = CoalescingCycle
+        if self.cycle is not None and self.cycle.scope is self.scope:  # not an upgrade
+            self._open.append((self.cycle, gone))
+        if self.pipeline:
+            self.flow.resume_reading()  # uvicorn stopped reading; bytes behind it are held
 
     def on_message_complete(self) -> None:
         self.reading_since = None  # the whole request is in: no more reading to time
         super().on_message_complete()
+        # uvicorn stops reading at 64 KiB of body until the app asks for more; a body that is
+        # complete needs no more asking, and the connection must stay read to hear a reset.
+        self.flow.resume_reading()
 
     def on_response_complete(self) -> None:
         """uvicorn arms a keep-alive timer here, per response, and cancels it when the next
         request comes; here the time is written down and the sweeper closes a connection idle
         for longer than `timeout_keep_alive` (``check_reading``)."""
+        while self._open and self._open[0][0].response_complete:
+            self._open.popleft()
         if self.pipeline or self.transport.is_closing():
             super().on_response_complete()  # a pipelined request starts, uvicorn's way
+            if not self.pipeline and self._held and not self.transport.is_closing():
+                held = bytes(self._held)
+                self._held.clear()
+                self.data_received(held)  # what came behind it, in order
             return
         self.server_state.total_requests += 1
         self.flow.resume_reading()
@@ -189,7 +225,7 @@ def uvicorn_config(app: ASGIApp, settings: GatewaySettings, **overrides: Any) ->
         "port": settings.port,
         "log_level": settings.log_level,
         "loop": "auto",
-        "http": guarded_protocol(settings.max_header_bytes, settings.timeouts.client),
+        "http": guarded_protocol(settings.max_head_bytes, settings.timeouts.client),
         "server_header": False,
         "proxy_headers": False,  # the gateway reads no client address: skip the parsing
         "log_config": None,  # logging is set up once, by gateway.logs

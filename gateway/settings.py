@@ -7,27 +7,48 @@ Unknown keys are errors too: a misspelt option must not be silently ignored.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from gateway import waits
-from gateway.model_settings import ModelSettings, Strict
+from gateway.access_settings import CorsSettings, KeySettings
+from gateway.limits.settings import LimitsStoreSettings
+from gateway.model_settings import ModelSettings
+from gateway.strict import FieldProblems, Strict
+from gateway.swap_settings import SwapSettings
+from gateway.tracing_settings import TracingSettings
+from gateway.traffic.fallback_plan import fallback_problems
 
 API_KEYS_ENV = "VLLM_GATEWAY_API_KEYS"
 MONITOR_KEYS_ENV = "VLLM_GATEWAY_MONITOR_KEYS"  # keys that may read the ops surfaces
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# Keys that were renamed: the old name still works, with a warning, until it is removed.
+RENAMED = {"max_header_bytes": "max_head_bytes"}
 
 
 class Timeouts(Strict):
     """Seconds. Non-streamed generations answer only when done, so first_byte is generous."""
 
-    connect: float = Field(10.0, gt=0)
-    first_byte: float = Field(900.0, gt=0)
+    connect: float = Field(
+        10.0,
+        gt=0,
+        description="to open a connection to a backend: the relay's, and the gateway's own "
+        "calls (readiness and health checks, load scrapes, sleep and wake, adapters), which "
+        "stay within their own limits too (a check's `health.timeout`, a scrape's second)",
+    )
+    first_byte: float = Field(
+        900.0,
+        gt=0,
+        description="from sending a request to the backend's first byte (a whole non-streamed "
+        "generation); a request held for an on-demand start does not count that wait",
+    )
     idle: float = Field(300.0, gt=0, description="longest gap between two chunks of a stream")
     client: float = Field(
         60.0, gt=0, description="time a client has to send its whole request, head and body"
@@ -38,83 +59,125 @@ class RetryAfter(Strict):
     """Seconds a client is told to wait (Retry-After) when its model cannot serve it yet."""
 
     loading: int = Field(
-        waits.RETRY_LOADING, ge=1, description="its server is starting, restarting or waking"
+        waits.RETRY_LOADING,
+        ge=1,
+        description="its server is starting, restarting or waking, or an on-demand model's "
+        "queue is full while it starts (429); a failed on-demand start answers its backoff",
     )
     no_replica: int = Field(
         waits.RETRY_NO_REPLICA, ge=1, description="no replica is ready and none is on its way"
     )
 
 
-class KeySettings(Strict):
-    """One API key: whose it is, what it may reach, how fast. Logs and metrics show the name."""
+class MetricsSettings(Strict):
+    """What /metrics counts per request beyond model, endpoint and status."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9._@-]{1,64}$")
-    key: SecretStr | None = None
-    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="of the key")
-    models: list[str] | None = Field(None, description="names or aliases; all when absent")
-    requests_per_minute: int | None = Field(None, gt=0)
-    max_concurrent: int | None = Field(None, gt=0)
-    admin: bool = Field(False, description="sees and does everything, /admin/* included")
-    monitor: bool = Field(False, description="reads the ops surfaces (metrics, status)")
-
-    @model_validator(mode="after")
-    def _one_secret(self) -> KeySettings:
-        if (self.key is None) == (self.sha256 is None):
-            raise ValueError("give either `key` or `sha256` (the key's SHA-256, in hex)")
-        if self.admin and self.models is not None:
-            raise ValueError("an admin key sees every model: leave out `models`")
-        return self
-
-
-class KeysFile(Strict):
-    """A keys file: re-read on change and on SIGHUP, so keys rotate without a restart."""
-
-    keys: list[KeySettings] = Field(default_factory=list)
-
-
-class CorsSettings(Strict):
-    """Named as vLLM's own flags name them. No CORS headers at all unless this is configured."""
-
-    allowed_origins: list[str] = Field(default_factory=list)
-    allowed_methods: list[str] = Field(default_factory=lambda: ["*"])
-    allowed_headers: list[str] = Field(default_factory=lambda: ["*"])
-    allow_credentials: bool = False
-
-    @model_validator(mode="after")
-    def _no_wildcard_with_credentials(self) -> CorsSettings:
-        if self.allow_credentials and "*" in self.allowed_origins:
-            raise ValueError("allowed_origins '*' cannot be combined with allow_credentials")
-        return self
+    requests_by_key: bool = Field(
+        False,
+        description="`vllm_gateway_requests_total` gets a `key` label too: a series per key, "
+        "model, endpoint and status (tokens are always counted by key)",
+    )
 
 
 class GatewaySettings(Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_keys: list[KeySettings] = Field(
-        default_factory=list, description="a plain string is a key named config-1, config-2, ..."
+    """The whole file. The command line's --host, --port, --workers, --log-level and
+    --log-format win over it."""
+
+    host: str = Field("127.0.0.1", description="the address the gateway listens on")
+    port: int = Field(8000, ge=0, le=65535, description="its port")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="relay processes sharing the port; above 1, one more process is the "
+        "control plane (servers, health, on-demand starts, reload, the admin API) and the "
+        "workers relay (docs/scale-out.md); a change needs a restart",
     )
-    keys_file: str | None = None
+    api_keys: list[KeySettings] = Field(
+        default_factory=list,
+        description="keys clients send (`Authorization: Bearer` or `x-api-key`); a plain string "
+        "is a key named config-1, config-2, ...; env VLLM_GATEWAY_API_KEYS adds env-1, ... and "
+        "VLLM_GATEWAY_MONITOR_KEYS monitor keys",
+    )
+    keys_file: str | None = Field(
+        None,
+        description="a YAML file of more keys (`keys:`), re-read when it changes and on SIGHUP",
+    )
+    watch_config: bool = Field(
+        False,
+        description="reload this config when its file changes (once two looks a second apart "
+        "agree), as `kill -HUP` and `POST /admin/reload` do",
+    )
     open_endpoints: list[Literal["metrics", "status", "backend_metrics"]] = Field(
         default_factory=list,
         description="ops surfaces served without a key (/health always is; /admin/* never)",
     )
-    models: list[ModelSettings] = Field(min_length=1)
-    timeouts: Timeouts = Field(default_factory=lambda: Timeouts())
-    retry_after: RetryAfter = Field(default_factory=lambda: RetryAfter())
-    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
-    max_header_bytes: int = Field(64 * 1024, ge=1024)
-    cors: CorsSettings | None = None
+    models: list[ModelSettings] = Field(min_length=1, description="the models it serves")
+    timeouts: Timeouts = Field(default_factory=lambda: Timeouts(), description="in seconds")
+    retry_after: RetryAfter = Field(
+        default_factory=lambda: RetryAfter(), description="Retry-After seconds on a 503"
+    )
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES, gt=0, description="a larger request body is refused with 413"
+    )
+    max_head_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="a larger request head (request line and headers) is refused with 431; "
+        "formerly `max_header_bytes`",
+    )
+    cors: CorsSettings | None = Field(None, description="no CORS headers unless configured")
     gpu_memory_gib: float | None = Field(
         None, gt=0, description="memory of each GPU, for the weight-fit estimate (else nvidia-smi)"
     )
-    launcher: list[str] = Field(default_factory=lambda: ["vllm", "serve"], min_length=1)
-    log_dir: str = "logs"
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    log_format: Literal["text", "json"] = "text"
-    access_log: bool = Field(True, description="one line per relayed request, at info level")
+    launcher: list[str] = Field(
+        default_factory=lambda: ["vllm", "serve"],
+        min_length=1,
+        description="the command that starts a spawned server; one that starts with `python` "
+        "runs under the gateway's interpreter (CPU build: `[python, -m, "
+        "vllm.entrypoints.openai.api_server]`)",
+    )
+    log_dir: str = Field("logs", description="one log file per spawned server")
+    keep_backends: float = Field(
+        120.0,
+        ge=0,
+        description="seconds spawned servers wait for a restarted gateway to adopt them; "
+        "0 stops them with the gateway",
+    )
+    state_dir: str | None = Field(
+        None,
+        description="where spawned servers are recorded for adoption (default: log_dir/state)",
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="of the gateway's own log"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text, or one JSON object per line"
+    )
+    access_log: bool | None = Field(
+        None,
+        description="one line per request on stderr; unset, it is written when `log_level` is "
+        "info or debug, `true` writes it at any level, `false` never",
+    )
     stream_usage: Literal["client", "always"] = Field(
         "client",
         description="count tokens of streams that asked for usage (client), or of every stream",
+    )
+    tracing: TracingSettings | None = Field(
+        None, description="OpenTelemetry traces (docs/tracing.md); none at all when absent"
+    )
+    metrics: MetricsSettings = Field(
+        default_factory=lambda: MetricsSettings(), description="what /metrics counts"
+    )
+    limits_store: LimitsStoreSettings | None = Field(
+        None,
+        description="where per-key limits are counted: unset, in the gateway's memory, one "
+        "table for all the workers of a host; a Redis URL (docs/scale-out.md) shares them "
+        "between gateway replicas",
+    )
+    swaps: SwapSettings = Field(
+        default_factory=lambda: SwapSettings(),
+        description="how on-demand models that share GPUs take turns",
     )
 
     @field_validator("api_keys", mode="before")
@@ -159,9 +222,44 @@ class GatewaySettings(Strict):
                 for name in entry.models or []
                 if name not in owner and not runtime  # it may be a runtime adapter's name
             ]
+        problems += fallback_problems(self.models, self.canonical_names)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @model_validator(mode="after")
+    def _priority_needs_cost(self) -> GatewaySettings:
+        if self.swaps.policy == "cost":
+            return self
+        problems = [
+            (f"models[{i}].on_demand.priority", "applies only with `swaps.policy: cost`")
+            for i, m in enumerate(self.models)
+            if m.on_demand is not None and "priority" in m.on_demand.model_fields_set
+        ]
+        if problems:
+            raise FieldProblems(problems)
+        return self
+
+    _deprecations: tuple[str, ...] = PrivateAttr(default=())
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The mapping it was read from (the file's, before the command line's overrides):
+        what a control plane hands its workers (``gateway.workers``), so that each runs the
+        very config in force, not whatever the file says by the time it starts."""
+        return self._raw
+
+    @property
+    def deprecations(self) -> tuple[str, ...]:
+        """Old names this config used, one line each: they work, but will not for ever."""
+        return self._deprecations
+
+    @property
+    def writes_access_log(self) -> bool:
+        if self.access_log is None:
+            return self.log_level in ("info", "debug")
+        return self.access_log
 
     @property
     def canonical_names(self) -> dict[str, str]:
@@ -177,108 +275,6 @@ class GatewaySettings(Strict):
         return any(m.vllm and m.vllm.lora and m.vllm.lora.runtime for m in self.models)
 
 
-class ConfigError(Exception):
-    """A configuration that cannot start the gateway; ``problems`` holds one line each."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        super().__init__(f"{source}: " + "; ".join(problems))
-        self.source = source
-        self.problems = problems
-
-
-def load_settings(
-    path: str | Path, env: Mapping[str, str] | None = None, **overrides: Any
-) -> GatewaySettings:
-    """Read, validate and complete a config file. Keys from the environment are added to it."""
-    return settings_from_dict(_read_mapping(path), source=str(path), env=env, **overrides)
-
-
-def load_keys_file(path: str | Path) -> KeysFile:
-    try:
-        return KeysFile.model_validate(_read_mapping(path))
-    except ValidationError as exc:
-        raise ConfigError(str(path), _describe(exc)) from None
-
-
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def _read_mapping(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        # libyaml's loader where PyYAML has it: several times faster on a large keys file.
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
-    except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), [f"not valid YAML: {exc}".replace("\n", " ")]) from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(str(path), ["the file must hold a mapping (key: value) at the top"])
-    return raw
-
-
-def settings_from_dict(
-    raw: Mapping[str, Any],
-    *,
-    source: str = "config",
-    env: Mapping[str, str] | None = None,
-    **overrides: Any,
-) -> GatewaySettings:
-    data = dict(raw)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    environ = os.environ if env is None else env
-    extra_keys = [
-        {"name": f"env-{i}", "key": key} for i, key in enumerate(_listed(environ, API_KEYS_ENV), 1)
-    ] + [
-        {"name": f"monitor-{i}", "key": key, "monitor": True}
-        for i, key in enumerate(_listed(environ, MONITOR_KEYS_ENV), 1)
-    ]
-    if extra_keys:
-        data["api_keys"] = [*(data.get("api_keys") or []), *extra_keys]
-    try:
-        settings = GatewaySettings.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(source, _describe(exc)) from None
-    return _backend_keys_from(environ, settings, source)
-
-
-def _backend_keys_from(
-    environ: Mapping[str, str], settings: GatewaySettings, source: str
-) -> GatewaySettings:
-    """Each `api_key_env` read once, at load: a missing variable is a config error, not a
-    backend that answers 401 later."""
-    models, problems = [], []
-    for i, model in enumerate(settings.models):
-        if model.api_key_env is not None:
-            value = environ.get(model.api_key_env, "")
-            if not value:
-                problems.append(
-                    f"models[{i}].api_key_env: environment variable {model.api_key_env} is not set"
-                )
-            model = model.model_copy(update={"api_key": SecretStr(value)})
-        models.append(model)
-    if problems:
-        raise ConfigError(source, problems)
-    return settings.model_copy(update={"models": models})
-
-
-def _listed(environ: Mapping[str, str], name: str) -> list[str]:
-    """A comma-separated list from the environment, blanks dropped."""
-    return [k.strip() for k in environ.get(name, "").split(",") if k.strip()]
-
-
-def _describe(exc: ValidationError) -> list[str]:
-    """One line per problem, each naming its field. Cross-field checks name their own fields."""
-    lines = []
-    for err in exc.errors():
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
-        message = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown option (check the spelling)"
-        if where:
-            lines.append(f"{where.lstrip('.')}: {message}")
-        else:
-            lines += message.split("; ")
-    return lines
+def state_path(settings: GatewaySettings) -> Path:
+    """The state directory: `state_dir`, else `state` under `log_dir`."""
+    return Path(settings.state_dir or Path(settings.log_dir) / "state")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
 from backends.kv_cache import GiB, KvCache
+from backends.on_demand import policy_of
 from backends.pool import ReplicaPool
 from gateway import __version__
 from gateway.telemetry import Telemetry
@@ -29,6 +30,8 @@ class StatusReport:
         self.modes = modes
         self.telemetry = telemetry
         self.started = time.monotonic()
+        # The config generation in force and the last reload (``gateway.reload``), once wired.
+        self.reload: Callable[[], dict[str, Any]] | None = None
 
     def document(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -46,6 +49,9 @@ class StatusReport:
                     "restarts": r.restarts,
                     "in_flight": r.in_flight,
                     "vllm_load": None if r.load is None else asdict(r.load),
+                    "prefix_cache_hit_rate": None
+                    if r.load is None
+                    else r.load.prefix_cache_hit_rate,
                     "health_ms": round(r.health_latency * 1000, 2)
                     if r.health_latency is not None
                     else None,
@@ -69,6 +75,7 @@ class StatusReport:
             )
         return {
             "gateway": {"version": __version__, "uptime_s": round(now - self.started, 1)},
+            "config": self.reload() if self.reload is not None else None,
             "models": models,
             "swap_groups": [
                 {"gpu": gpu, "models": list(pair)}
@@ -80,7 +87,7 @@ class StatusReport:
 
 def model_document(pool: ReplicaPool) -> dict[str, Any]:
     """One model as the admin API and the status page show it."""
-    model = pool.on_demand
+    model = policy_of(pool)
     now, wall = time.monotonic(), time.time()
     doc: dict[str, Any] = {
         "name": pool.name,
@@ -91,6 +98,7 @@ def model_document(pool: ReplicaPool) -> dict[str, Any]:
     if model is None:
         doc["state"] = "ready" if any(r.ready for r in pool.replicas) else "not ready"
         return doc
+    estimate = model.estimate()
     doc.update(
         state=str(model.state),
         since=round(wall - (now - model.state_since), 3),
@@ -104,6 +112,12 @@ def model_document(pool: ReplicaPool) -> dict[str, Any]:
         sleep_level=model.config.sleep_level,
         waiting=model.waiting,
         idle_ttl=model.config.idle_ttl,
+        priority=model.config.priority,
+        pinned=model.config.pinned,
+        swapped_out=model.swapped_out,
+        refused=dict(model.refused),
+        estimated_wait_s=None if estimate is None else round(estimate, 2),
+        costs=model.costs.document(),
     )
     return doc
 

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from backends.pool import ReplicaPool
 from gateway.access_log import AccessLog
 from gateway.metrics import GatewayMetrics
 from gateway.record import OTHER_ENDPOINT, RequestRecord
 from gateway.routing import RELAYED_PATHS
+
+if TYPE_CHECKING:
+    from gateway.tracing import Tracing
 
 
 @dataclass(slots=True)
@@ -35,6 +39,15 @@ class RecentWindow:
     def add(self, duration: float, completion_tokens: int) -> None:
         self._samples.append(_Sample(time.monotonic(), duration, completion_tokens))
 
+    def add_at(self, at: float, duration: float, completion_tokens: int) -> None:
+        """A request another process saw end ``at`` (time.monotonic(): one clock for all)."""
+        self._samples.append(_Sample(at, duration, completion_tokens))
+
+    def recent(self, now: float) -> list[tuple[float, float, int]]:
+        """The samples within the span, as (at, duration, completion tokens)."""
+        since = now - self.span
+        return [(s.at, s.duration, s.completion_tokens) for s in self._samples if s.at >= since]
+
     def summary(self) -> dict[str, float | int | None]:
         since = time.monotonic() - self.span
         recent = [s for s in self._samples if s.at >= since]
@@ -50,11 +63,36 @@ class RecentWindow:
 
 
 class Telemetry:
-    def __init__(self, pools: Iterable[ReplicaPool], access_log: AccessLog | None = None) -> None:
-        pools = list(pools)
-        self.metrics = GatewayMetrics(pools)
+    def __init__(
+        self,
+        pools: list[ReplicaPool],
+        access_log: AccessLog | None = None,
+        tracing: Tracing | None = None,
+        requests_by_key: bool = False,
+    ) -> None:
+        """``pools``: the gateway's list, read at each scrape (a reload changes it in place);
+        ``tracing``: the gateway's tracer, when the config has `tracing`;
+        ``requests_by_key``: `metrics.requests_by_key`."""
+        self.pools = pools
+        self.metrics = GatewayMetrics(pools, requests_by_key)
         self.windows = {pool.name: RecentWindow() for pool in pools}
         self.access_log = access_log
+        self.tracing = tracing
+        # In a control plane with workers: fetches their shares into these metrics and windows
+        # (``gateway.workers.shares``); awaited before each scrape and status document.
+        self.gather: Callable[[], Awaitable[None]] | None = None
+        if tracing is not None:
+            self.metrics.count_spans(tracing.counts)
+
+    async def gathered(self) -> None:
+        """Before /metrics or /status.json is answered: every worker's counts, where there are
+        workers (nothing to do otherwise)."""
+        if self.gather is not None:
+            await self.gather()
+
+    def models_changed(self) -> None:
+        """A reload added or removed models: a window for each model there is now."""
+        self.windows = {p.name: self.windows.get(p.name) or RecentWindow() for p in self.pools}
 
     def finish(self, record: RequestRecord) -> None:
         duration = time.perf_counter() - record.started

@@ -12,6 +12,7 @@ RETRY_LOADING = 10  # the model's server is starting or restarting
 RETRY_NO_REPLICA = 30  # no replica ready and none on its way
 RETRY_UNREACHABLE = 5  # a replica refused or dropped the connection before answering
 RETRY_CONCURRENCY = 1  # the key has max_concurrent requests in flight; one ends soon
+RETRY_LIMITS_STORE = 5  # Redis, where limits are counted, cannot be reached (fail_closed)
 
 # The gateway's own calls to backends, in seconds.
 MODEL_LOOKUP = 3.0  # /v1/models of a backend, for its max_model_len

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import FAKE_PORT, TARGET_PORT, scenarios, take_turns
-from peers import ROOT, Target, start_fake, start_gateway
+from peers import Target, checkout, start_fake, start_gateway
 from report import Rows, med
 
 
@@ -36,22 +34,19 @@ def main() -> None:
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {0})
     chosen = [s for s in scenarios() if s.name in args.scenarios.split(",")]
-    base_dir = Path(tempfile.mkdtemp()) / "base"
-    git = ["git", "-C", str(ROOT)]
-    subprocess.run([*git, "worktree", "add", "--detach", str(base_dir), args.base], check=True)
-    fake = start_fake(FAKE_PORT)
     builds: list[Target] = []
     results: Rows = {}
-    try:
-        builds.append(start_gateway(TARGET_PORT, fake.url, root=base_dir))
-        builds.append(start_gateway(TARGET_PORT + 1, fake.url))
-        builds[0].name, builds[1].name = args.base, "working tree"
-        results = take_turns(builds, chosen, args.rounds, args.seconds)
-    finally:
-        for build in builds:
-            build.stop()
-        fake.stop()
-        subprocess.run([*git, "worktree", "remove", "--force", str(base_dir)], check=False)
+    with checkout(args.base) as base_dir:
+        fake = start_fake(FAKE_PORT)
+        try:
+            builds.append(start_gateway(TARGET_PORT, fake.url, root=base_dir))
+            builds.append(start_gateway(TARGET_PORT + 1, fake.url))
+            builds[0].name, builds[1].name = args.base, "working tree"
+            results = take_turns(builds, chosen, args.rounds, args.seconds)
+        finally:
+            for build in builds:
+                build.stop()
+            fake.stop()
     print("| scenario | build | rps | p50 ms | p99 ms | TTFB p50 ms | CPU µs/request |")
     print("|---|---|---|---|---|---|---|")
     for scenario in chosen:

@@ -50,6 +50,7 @@ class Scenario:
     concurrency: int
     body: dict[str, object]
     path: str = "/v1/chat/completions"
+    others: tuple[dict[str, object], ...] = ()  # more bodies, sent in turn with ``body``
 
 
 def scenarios() -> list[Scenario]:
@@ -115,7 +116,8 @@ def rss_mb(pids: list[int]) -> float:
 
 
 def measure(target: Target, scenario: Scenario, seconds: float, ports: int = 1) -> dict[str, Any]:
-    body = json.dumps(scenario.body).encode()
+    bodies = [json.dumps(b).encode() for b in (scenario.body, *scenario.others)]
+    body = bodies[0] if len(bodies) == 1 else bodies
     pids = target.pids
     before = cpu_seconds(pids) if target.name != "direct" else 0.0
 

@@ -15,6 +15,13 @@
 #                   alternating rounds each at concurrency 1 and 64
 #   sleep           two on-demand 7B-shape models swapping by vLLM's sleep mode on GPU 0
 #                   (load/gpu_sleep.py): cold starts, swaps, memory released, a race, level 1
+#   change          reload and restart without downtime (load/gpu_change.py): two always-on
+#                   7B-shape models and a sleeping on-demand one on GPU 0; a reload restarts
+#                   one, a gateway restart adopts all
+#   prefix          `balance: prefix` against `least_outstanding`, two 7B-shape replicas on
+#                   GPU 0, time to first token (load/gpu_prefix.py; BLOCKS caps each cache)
+#   workers         `workers` 1 and 4 against direct, the tiny chat model at 0.3 of GPU 0,
+#                   vLLM's benchmark client over several processes (load/gpu_workers.py)
 #   report          load/results/gpu-<date>.md (and a copy in $OUT when set)
 set -euo pipefail
 phase=$1
@@ -139,6 +146,28 @@ YAML
   cp "$doc" "$res/" 2>/dev/null || true
   python3 load/gpu_sleep.py report "$doc" > "$res/sleep-level${SLEEP_LEVEL:-2}.md" || true
   [ -z "${OUT:-}" ] || { cp "$res"/sleep* "$OUT/"; tail -c 20000 "$STATE/gateway.log" > "$OUT/sleep-gateway-tail.log"; }
+  ;;
+change)
+  [ -d "$STATE/chat-7b" ] || python3 load/gpu_models.py "$STATE/chat-7b" --tokenizer-from "$STATE/tiny/chat" | tee "$res/model.txt"
+  doc=${OUT:-$res}/change.json
+  timeout "${CHANGE_BUDGET:-560}" python3 load/gpu_change.py "$STATE/chat-7b" "$STATE" --save "$doc" || true
+  grep -E "reload|adopt|restart|asleep|woke|ready after|KV cache" "$STATE/change-gateway.log" \
+    | tail -60 > "$res/change-gateway-lines.txt" || true
+  cp "$doc" "$res/" 2>/dev/null || true
+  [ -z "${OUT:-}" ] || { cp "$res/change-gateway-lines.txt" "$OUT/"; tail -c 30000 "$STATE/change-gateway.log" > "$OUT/change-gateway-tail.log"; }
+  ;;
+prefix)
+  [ -d "$STATE/chat-7b" ] || python3 load/gpu_models.py "$STATE/chat-7b" --tokenizer-from "$STATE/tiny/chat" | tee "$res/model.txt"
+  doc=${OUT:-$res}/prefix.json
+  timeout "${PREFIX_BUDGET:-540}" python3 load/gpu_prefix.py "$STATE/chat-7b" "$STATE/logs" \
+    --save "$doc" --blocks "${BLOCKS:-2600}" --rounds "${ROUNDS:-3}" || true
+  cp "$doc" "$res/" 2>/dev/null || true
+  ;;
+workers)
+  doc=${OUT:-$res}/workers.json
+  timeout "${WORKERS_BUDGET:-560}" python3 load/gpu_workers.py "$STATE/tiny/chat" "$STATE/workers" \
+    --save "$doc" --concurrency "${CONCURRENCY:-256}" --rounds "${ROUNDS:-3}" || true
+  cp "$doc" "$res/" 2>/dev/null || true
   ;;
 report)
   mkdir -p load/results

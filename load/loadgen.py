@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -92,14 +94,21 @@ async def read_response(reader: asyncio.StreamReader, started: float, result: Re
     return status == 200
 
 
-async def worker(host: str, port: int, request: bytes, deadline: float, result: Result) -> None:
+async def worker(
+    host: str, port: int, request: bytes | Sequence[bytes], deadline: float, result: Result
+) -> None:
+    """One connection's requests until ``deadline``: ``request``, or each of a sequence of
+    requests in turn (from a random place in it, so that workers do not walk in step)."""
+    requests = [request] if isinstance(request, bytes) else list(request)
+    turn = random.randrange(len(requests))
     reader = writer = None
     while time.perf_counter() < deadline:
         try:
             if writer is None:
                 reader, writer = await asyncio.open_connection(host, port)
             started = time.perf_counter()
-            writer.write(request)
+            writer.write(requests[turn % len(requests)])
+            turn += 1
             assert reader is not None
             ok = await read_response(reader, started, result)
             if ok:
@@ -118,13 +127,17 @@ async def worker(host: str, port: int, request: bytes, deadline: float, result: 
 
 async def run(
     url: str,
-    body: bytes,
+    body: bytes | Sequence[bytes],
     concurrency: int,
     seconds: float,
     warmup: float = 1.0,
     headers: dict[str, str] | None = None,
 ) -> Result:
-    host, port, request = build_request(url, body, headers or {})
+    """``body``: one request body, or several that each connection sends in turn."""
+    bodies = [body] if isinstance(body, bytes) else list(body)
+    built = [build_request(url, b, headers or {}) for b in bodies]
+    host, port = built[0][0], built[0][1]
+    request = [r for _, _, r in built]
     if warmup:
         await asyncio.gather(
             *(

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,19 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / ".cache" / "peers"
 BENCH_KEY = "sk-bench-0123456789abcdef"  # a throwaway key for the benchmark's targets
+
+
+@contextmanager
+def checkout(revision: str) -> Iterator[Path]:
+    """``revision`` in a temporary detached git worktree (the side a comparison runs against),
+    removed afterwards."""
+    where = Path(tempfile.mkdtemp()) / "base"
+    git = ["git", "-C", str(ROOT)]
+    subprocess.run([*git, "worktree", "add", "--detach", str(where), revision], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(where)], check=False)
 
 
 def pinned(cpu: int, cmd: list[str]) -> list[str]:
@@ -76,14 +91,21 @@ def start_fake(port: int) -> Target:
     return target
 
 
-def start_gateway(port: int, upstream: str, workers: int = 1, root: Path = ROOT) -> Target:
+def start_gateway(
+    port: int,
+    upstream: str,
+    workers: int = 1,
+    root: Path = ROOT,
+    extra: dict[str, object] | None = None,
+) -> Target:
     """The gateway as users run it (`python -m gateway serve`): an API key, access log on.
 
     ``workers`` > 1 starts that many gateway processes on ports port, port+1, ...: replicas,
     as a deployment scales the gateway (the load client spreads over them). ``root``: the
-    checkout whose code runs (load/ab.py compares two).
+    checkout whose code runs (load/ab.py compares two). ``extra``: more config (`tracing`).
     """
     config = {
+        **(extra or {}),
         # Lenient health checks: the one fake serves every target, and another target's 1,000
         # streams can hold its /health past the default 2 s timeout; the gateway would then
         # rightly mark it down and answer 503 in the next scenario (seen 2026-11-30).

@@ -27,15 +27,17 @@ for pkg in torchvision torchaudio torchcodec; do
   if "$py" -m pip show -q "$pkg" >/dev/null 2>&1; then pip uninstall -y "$pkg"; fi
 done
 # The status-page test drives a real browser: Debian's Chromium (Playwright's own browser
-# downloads are not used); the HTTP client's conformance test runs nginx as a backend.
-# Installed when missing and this runs as root (apt's nginx service is stopped: the test
-# starts its own).
+# downloads are not used); the HTTP client's conformance test runs nginx as a backend; the
+# shared per-key limits tests run redis-server. Installed when missing and this runs as root
+# (apt's nginx and redis services are stopped: the tests start their own).
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "setup-env: installing ${missing[*]} (apt)"
   (apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null) || echo "setup-env: ${missing[*]} not installed" >&2
   pkill -x nginx 2>/dev/null || true
+  service redis-server stop >/dev/null 2>&1 || true
 fi
 echo "setup-env: ready ($("$py" -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'))"

@@ -15,6 +15,10 @@ if ! "$CLIENTS_VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(no
   "$CLIENTS_VENV/bin/python" -m pip --disable-pip-version-check -q install \
     "llama-index-llms-openai-like>=0.8" "llama-index-embeddings-openai-like>=0.4" "litellm>=1.70"
 fi
+# The CPU image (tests/deploy/test_image.py runs it): built here, before pytest, since a cold
+# build (tools, Debian base, vLLM's layers) takes longer than a test may wait; the test's own
+# build then reuses every layer.
+scripts/image.sh build
 export PYTHONUNBUFFERED=1
 set +e
 .venv/bin/python -m pytest "$@"

@@ -11,7 +11,13 @@ change one response: {"chunks": 3, "gap_ms": 50, "die_after": 2, "hang_after": 2
 "status": 500, "echo_headers": true, "set_cookie": "a=b", "redirect": "/elsewhere", "drop": true,
 "die_after_head": true};
 echo_headers answers with the headers and the URL (path and query) it received.
-`GET /fake/stats` reports requests started, completed and aborted (client went away).
+`GET /fake/stats` reports requests started, completed and aborted (client went away), the most
+it had at once (`max_running`), and when the last abort was seen (`last_abort_us`, wall-clock
+microseconds).
+`--max-num-seqs N` (vLLM's flag) runs at most N generations at once, the rest wait first
+come, first served (as vLLM's default scheduler does once its batch is full; /metrics reports
+them as waiting); `--service-ms T` makes every non-streamed generation take T ms (a fixed service
+time, whatever `chunks` says).
 `--num-gpu-blocks N` adds vLLM's `vllm:cache_config_info` series (block size 16) to /metrics;
 `--engine-core` starts a child process that, like vLLM's engine core, outlives a server killed
 with SIGKILL. `--enable-sleep-mode` with `VLLM_SERVER_DEV_MODE=1` serves vLLM's sleep endpoints
@@ -26,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,20 +63,44 @@ class Options:
     fail_wake: bool = False
     asleep: int = 0  # the level it sleeps at; 0 awake
     weights: bool = True  # False from a level-2 sleep until reload_weights
+    max_concurrency: int | None = None  # --max-num-seqs: generations at once; the rest wait
+    service_ms: float = 0.0  # a non-streamed generation's fixed time (0: gap_ms x chunks)
+    waiting: int = 0  # generations waiting for one of max_concurrency
+    _slots: asyncio.Semaphore | None = None
     stats: dict[str, int] = field(
         default_factory=lambda: {
             "started": 0,
+            "max_running": 0,  # the most requests it had at once (started, not yet ended)
             "completed": 0,
             "aborted": 0,
             "sleeps": 0,
             "wakes": 0,
             "violations": 0,  # put to sleep mid-request, asked to generate asleep or unloaded
+            "last_abort_us": 0,  # when the last abort was seen (wall clock)
         }
     )
 
     @property
     def running(self) -> int:
         return self.stats["started"] - self.stats["completed"] - self.stats["aborted"]
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """One of `max_concurrency` generations (FIFO: asyncio's semaphore wakes in order)."""
+        if self.max_concurrency is None:
+            yield
+            return
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_concurrency)
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
 
 
 class _Request:
@@ -150,9 +182,15 @@ class FakeVllmProtocol(asyncio.Protocol):
             return self._write(
                 200,
                 b'vllm:num_requests_running{model_name="%s"} %d\n'
-                b'vllm:num_requests_waiting{model_name="%s"} 0\n'
+                b'vllm:num_requests_waiting{model_name="%s"} %d\n'
                 b'vllm:kv_cache_usage_perc{model_name="%s"} 0.0\n'
-                % ((opts.served_names[0].encode(), running) + (opts.served_names[0].encode(),) * 2)
+                % (
+                    opts.served_names[0].encode(),
+                    running - opts.waiting,
+                    opts.served_names[0].encode(),
+                    opts.waiting,
+                    opts.served_names[0].encode(),
+                )
                 + cache,
                 content_type=b"text/plain; version=0.0.4",
             )
@@ -204,29 +242,37 @@ class FakeVllmProtocol(asyncio.Protocol):
             self._violation(f"asked for {path.decode()} while asleep or without weights")
             return self._write(500, _error("fake: generation while asleep", 500))
         opts.stats["started"] += 1
+        opts.stats["max_running"] = max(opts.stats["max_running"], opts.running)
         try:
-            if fake.get("hang"):
-                await asyncio.sleep(3600)
-            if path == b"/v1/chat/completions" and body.get("stream"):
-                await self._stream(body, fake)
-            elif path == b"/v1/chat/completions" and fake.get("die_after_head"):
-                assert self.transport is not None
-                self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 300\r\n\r\n")
-                await asyncio.sleep(0.05)  # the head arrives alone
-                self.transport.abort()
-                raise asyncio.CancelledError
-            elif path == b"/v1/chat/completions":
-                await self._sleep(fake.get("gap_ms", opts.gap_ms) * self._chunks(fake) / 1000)
-                self._write(200, _chat_completion(body["model"], self._chunks(fake)))
-            elif path == b"/v1/embeddings":
-                self._write(200, _embeddings(body))
-            elif path in (b"/v1/rerank", b"/rerank"):
-                self._write(200, _rerank(body))
-            else:
-                self._write(404, b'{"detail":"Not Found"}')
+            async with opts.turn():
+                await self._generate(path, body, fake)
             opts.stats["completed"] += 1
         except asyncio.CancelledError:
             opts.stats["aborted"] += 1
+            opts.stats["last_abort_us"] = time.time_ns() // 1000  # wall clock, for load/
+
+    async def _generate(self, path: bytes, body: dict[str, Any], fake: dict[str, Any]) -> None:
+        opts = self.options
+        if fake.get("hang"):
+            await asyncio.sleep(3600)
+        if path == b"/v1/chat/completions" and body.get("stream"):
+            await self._stream(body, fake)
+        elif path == b"/v1/chat/completions" and fake.get("die_after_head"):
+            assert self.transport is not None
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 300\r\n\r\n")
+            await asyncio.sleep(0.05)  # the head arrives alone
+            self.transport.abort()
+            raise asyncio.CancelledError
+        elif path == b"/v1/chat/completions":
+            gap_ms = fake.get("gap_ms", opts.gap_ms) * self._chunks(fake)
+            await self._sleep((opts.service_ms or gap_ms) / 1000)
+            self._write(200, _chat_completion(body["model"], self._chunks(fake)))
+        elif path == b"/v1/embeddings":
+            self._write(200, _embeddings(body))
+        elif path in (b"/v1/rerank", b"/rerank"):
+            self._write(200, _rerank(body))
+        else:
+            self._write(404, b'{"detail":"Not Found"}')
 
     def _sleep_mode(self, path: bytes, req: _Request) -> None:
         """vLLM's dev endpoints, with the order a level-2 wake needs."""
@@ -410,7 +456,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Options]:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9001)
     parser.add_argument("--uds", help="listen on this unix socket instead")
-    parser.add_argument("--api-key")
+    parser.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"))  # as vLLM
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--gap-ms", type=float, default=0.0)
     parser.add_argument("--max-model-len", type=int, default=2048)
@@ -420,6 +466,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Options]:
     parser.add_argument("--enable-sleep-mode", action="store_true")
     parser.add_argument("--fail-wake", action="store_true", help="/wake_up answers 500")
     parser.add_argument("--lora-modules", nargs="+", default=[], help="name=path ...")
+    parser.add_argument("--max-num-seqs", type=int, help="generations at once; the rest wait")
+    parser.add_argument("--service-ms", type=float, default=0.0, help="each generation's time")
     args, _unknown = parser.parse_known_args(argv)  # ignore other vLLM flags
     options = Options(
         served_names=args.served_model_name or [args.model_pos or args.model],
@@ -435,6 +483,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Options]:
         runtime_lora=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING") == "True",
         lora_fails=os.environ.get("FAKE_VLLM_LORA_FAILS") == "1",
         drop_adapters_in_deep_sleep=os.environ.get("FAKE_VLLM_DEEP_SLEEP_DROPS_ADAPTERS") == "1",
+        max_concurrency=args.max_num_seqs,
+        service_ms=args.service_ms,
     )
     return args, options
 

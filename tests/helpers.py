@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+import pytest
 
 from backends.supervisor import SpawnHealth, SupervisorTimings
 
@@ -39,6 +44,23 @@ async def until(condition: Callable[[], bool], timeout: float = 10, what: str = 
         await asyncio.sleep(0.02)
 
 
+class Output:
+    """What a test's process writes to stderr, gathered as it comes (``capfd``), so a test
+    waits for a line instead of for the access log's next flush."""
+
+    def __init__(self, capfd: pytest.CaptureFixture[str]) -> None:
+        self.capfd = capfd
+        self.text = ""
+
+    def has(self, *needles: str) -> bool:
+        self.text += self.capfd.readouterr().err
+        return all(needle in self.text for needle in needles)
+
+    def wait_for(self, *needles: str, timeout: float = 10) -> str:
+        wait_until(lambda: self.has(*needles), timeout, f"{needles} on stderr")
+        return self.text
+
+
 class Dns:
     """A resolver for `discover` whose answer the test sets: addresses, or an error."""
 
@@ -51,3 +73,25 @@ class Dns:
         if isinstance(self.answer, OSError):
             raise self.answer
         return self.answer
+
+
+class StreamReader:
+    """Reads one streamed request's lines in a thread, as they come; ``started`` is set at the
+    first one, ``join`` waits for the end."""
+
+    def __init__(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> None:
+        self.lines: list[str] = []
+        self.started = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(url, body, headers))
+        self._thread.start()
+        assert self.started.wait(20), "no line of the stream within 20 s"
+
+    def _read(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> None:
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as response:
+            for line in response.iter_lines():
+                self.started.set()
+                self.lines.append(line)
+
+    def join(self, timeout: float = 30) -> list[str]:
+        self._thread.join(timeout)
+        return self.lines

@@ -17,8 +17,9 @@ import uvicorn
 
 from backends.process import free_port
 from gateway.app import create_app
+from gateway.config_file import settings_from_dict
 from gateway.server import uvicorn_config
-from gateway.settings import GatewaySettings, settings_from_dict
+from gateway.settings import GatewaySettings
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,11 +172,13 @@ class GatewayProcess:
         import yaml
 
         workdir.mkdir(parents=True, exist_ok=True)
+        # Servers stop with a test's gateway unless the test is about keeping them.
+        config = {"keep_backends": 0, **config}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = config
         self.log = workdir / f"gateway-{self.port}.log"
-        path = workdir / f"gateway-{self.port}.yaml"
+        path = self.path = workdir / f"gateway-{self.port}.yaml"  # a reload reads it again
         path.write_text(yaml.safe_dump(config))
         self.proc = subprocess.Popen(
             [

@@ -157,20 +157,20 @@ class VllmRig:
             for core, (name, (kind, args)) in enumerate(BACKENDS.items()):
                 port = free_port()
                 spec = spec_for(name, kind, args, core)
-                cmd = spec.command(port, api_key=None)
+                cmd = spec.command(port)
                 self.procs.append(_launch(cmd, ARTIFACTS / f"vllm-{name}.log", dict(spec.env)))
                 self.urls[name] = f"http://127.0.0.1:{port}"
         chat_port = int(self.urls["tiny-chat"].rsplit(":", 1)[1])
         kind, args = BACKENDS["tiny-chat"]
         pod = spec_for("tiny-chat", kind, args, core=1)
-        pod_command = pod.command(chat_port, api_key=None, host=POD_HOST)
+        pod_command = pod.command(chat_port, host=POD_HOST)
         pod_url = f"http://{POD_HOST}:{chat_port}"
         self.late["pod"] = LateServer("tiny-chat-pod", pod_url, pod_command, dict(pod.env))
         vision = spec_for("tiny-vision", "vision", VISION_ARGS, core=0)
         port = free_port()
         vision_url = f"http://127.0.0.1:{port}"
         self.late["vision"] = LateServer(
-            "tiny-vision", vision_url, vision.command(port, api_key=None), dict(vision.env)
+            "tiny-vision", vision_url, vision.command(port), dict(vision.env)
         )
         self.start_pod()
         # One config mixing both modes: a spawned chat model (two replicas) and the rig's

@@ -4,7 +4,9 @@ Each spawn-mode model becomes its own vLLM Deployment and Services (GPUs as `nvi
 model cache as a shared volume, a startup probe long enough for big models); the gateway gets a
 ConfigMap with the same models in connect mode, each discovering its pods through a headless
 Service (DNS only: the gateway needs no Kubernetes API access), so the gateway balances, checks
-and ejects every pod itself instead of one Service address. A model is declared
+and ejects every pod itself instead of one Service address. Per-key limits are counted in the
+Redis of the optional component deploy/k8s/components/redis where it is included: it gives the
+gateway pods VLLM_GATEWAY_LIMITS_STORE, which fills `limits_store`'s URL. A model is declared
 once, in the gateway's config; the kustomize base under deploy/k8s adds the gateway's own
 Deployment, Service, autoscaler and disruption budget around what this generates.
 """
@@ -18,12 +20,14 @@ from typing import Any
 import yaml
 
 from backends.spec import VllmSpec
+from gateway.limits.settings import LIMITS_STORE_ENV
 from gateway.model_settings import ModelSettings
 from gateway.settings import GatewaySettings
-from gateway.specs import backend_specs
+from gateway.specs import KV_EVENTS_FLAG, backend_specs
 
 VLLM_IMAGE = "vllm/vllm-openai:v0.24.0"
 VLLM_PORT = 8000
+KV_EVENTS_PORT = 5557  # a `balance: prefix` model's pods publish their KV-cache events here
 BACKEND_KEYS_SECRET = "vllm-gateway-backend-keys"  # env of the gateway's pods (deploy/k8s/base)
 STARTUP_MINUTES = 30  # weights of a 70B model from a cold cache, then CUDA graphs
 
@@ -60,6 +64,11 @@ def warnings(settings: GatewaySettings) -> list[str]:
         for m in settings.models
         if m.api_key is not None
     ]
+    if settings.limits_store is not None and settings.limits_store.url is not None:
+        found.append(
+            "limits_store: its URL does not carry over; include deploy/k8s/components/redis "
+            f"(its gateway pods get {LIMITS_STORE_ENV}, the Redis it runs)"
+        )
     found += [
         f"{m.name}: on_demand does not carry over; its Deployment runs all the time "
         "(scale it to zero yourself, or keep it on one host)"
@@ -98,9 +107,25 @@ def _labels(model: ModelSettings) -> dict[str, str]:
 
 def _pod_spec(settings: GatewaySettings, model: ModelSettings) -> VllmSpec:
     """The model's first server as spawn mode would start it, with the config's own launcher
-    (the image's, not this machine's interpreter)."""
+    (the image's, not this machine's interpreter). A `balance: prefix` model's pods publish
+    their KV-cache events on the pod's port ``KV_EVENTS_PORT`` (spawn mode's socket is a
+    file on the gateway's host), which the gateway subscribes to at each pod's address."""
     spec = next(s for s in backend_specs(settings) if s.name == model.name)
-    return replace(spec, launcher=tuple(settings.launcher))
+    spec = replace(spec, launcher=tuple(settings.launcher))
+    if _publishes_on_the_pod_port(model):
+        events = {"enable_kv_cache_events": True, "publisher": "zmq"}
+        args = {**spec.args, KV_EVENTS_FLAG: {**events, "endpoint": f"tcp://*:{KV_EVENTS_PORT}"}}
+        spec = replace(spec, args=args)
+    return spec
+
+
+def _publishes_on_the_pod_port(model: ModelSettings) -> bool:
+    """Spawn mode turned its publisher on (its own `kv-events-config` is kept as it is)."""
+    return (
+        model.vllm is not None
+        and model.balance == "prefix"
+        and KV_EVENTS_FLAG not in model.vllm.args
+    )
 
 
 def _deployment(model: ModelSettings, spec: VllmSpec, image: str) -> dict[str, Any]:
@@ -109,7 +134,7 @@ def _deployment(model: ModelSettings, spec: VllmSpec, image: str) -> dict[str, A
     assert model.vllm is not None
     spawn = model.vllm
     gpus = len(spec.gpus)
-    command = spec.command(VLLM_PORT, api_key=None, host="0.0.0.0")
+    command = spec.command(VLLM_PORT, host="0.0.0.0")
     env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": "/models"}]
     env += [{"name": k, "value": v} for k, v in spawn.env.items()]
     env.append(
@@ -140,7 +165,7 @@ def _deployment(model: ModelSettings, spec: VllmSpec, image: str) -> dict[str, A
                             "image": image,
                             "command": command,
                             "env": env,
-                            "ports": [{"name": "http", "containerPort": VLLM_PORT}],
+                            "ports": _ports(model),
                             "resources": resources,
                             "startupProbe": {
                                 **probe,
@@ -167,6 +192,13 @@ def _deployment(model: ModelSettings, spec: VllmSpec, image: str) -> dict[str, A
     }
 
 
+def _ports(model: ModelSettings) -> list[dict[str, Any]]:
+    ports: list[dict[str, Any]] = [{"name": "http", "containerPort": VLLM_PORT}]
+    if _publishes_on_the_pod_port(model):
+        ports.append({"name": "kv-events", "containerPort": KV_EVENTS_PORT})
+    return ports
+
+
 def pods_name(model: ModelSettings) -> str:
     """The headless Service that resolves to each ready pod of the model."""
     return f"vllm-{dns_name(model.name)}-pods"
@@ -191,6 +223,32 @@ def _service(model: ModelSettings, headless: bool = False) -> dict[str, Any]:
     }
 
 
+def _traffic(model: ModelSettings) -> dict[str, Any]:
+    """A model's fallbacks and own timeouts, as its config says them (an adapter's fallbacks
+    need the adapter named: connect mode's `adapters`)."""
+    entry: dict[str, Any] = {}
+    if model.fallbacks:
+        entry["fallbacks"] = model.fallbacks
+    if model.adapter_fallbacks:
+        entry["adapters"] = model.adapter_names
+        entry["adapter_fallbacks"] = model.adapter_fallbacks
+    if model.falls_back:
+        entry["fallback_on"] = list(model.fallback_on)
+    if timeouts := model.timeouts.model_dump(exclude_none=True):
+        entry["timeouts"] = timeouts
+    return entry
+
+
+def _prefix(model: ModelSettings) -> dict[str, Any]:
+    """Its `prefix` knobs in the cluster: a spawned model's pods are read on their port."""
+    knobs = model.prefix.model_dump(exclude_defaults=True)
+    if model.vllm is not None:
+        knobs.pop("kv_events", None)  # connect mode's, not spawn mode's
+        if _publishes_on_the_pod_port(model):
+            knobs["kv_events_port"] = KV_EVENTS_PORT
+    return knobs
+
+
 def _gateway_config(settings: GatewaySettings) -> dict[str, Any]:
     """The gateway's config in connect mode: each spawned model discovers its pods through its
     headless Service, and every gateway setting carries over. Keys come from the Secret mounted
@@ -207,8 +265,12 @@ def _gateway_config(settings: GatewaySettings) -> dict[str, Any]:
         if model.vllm is None and model.api_key is not None:  # a Secret provides its value
             entry["api_key_env"] = backend_key_env(model)
         entry["balance"] = model.balance
-        entry["affinity_header"] = model.affinity_header
-        entry["health"] = model.health.model_dump()
+        if model.balance == "affinity":
+            entry["affinity_header"] = model.affinity_header
+        if model.balance == "prefix":
+            entry["prefix"] = _prefix(model)
+        entry["health"] = model.health.model_dump(exclude_none=True)
+        entry |= _traffic(model)
         models.append(entry)
     carried = settings.model_dump(
         mode="json",
@@ -216,12 +278,13 @@ def _gateway_config(settings: GatewaySettings) -> dict[str, Any]:
             "timeouts",
             "retry_after",
             "max_body_bytes",
-            "max_header_bytes",
+            "max_head_bytes",
             "cors",
             "log_level",
             "access_log",
             "stream_usage",
             "open_endpoints",
+            "metrics",
         },
         exclude_none=True,
     )
@@ -233,6 +296,11 @@ def _gateway_config(settings: GatewaySettings) -> dict[str, Any]:
         "log_format": "json",
         "models": models,
     }
+    if settings.workers > 1:  # relay processes in each gateway pod (give the pod the cores)
+        config["workers"] = settings.workers
+    store = settings.limits_store  # its policy; the URL comes with the redis component
+    if store is not None and (kept := store.model_dump(exclude={"url"}, exclude_defaults=True)):
+        config["limits_store"] = kept
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

@@ -11,6 +11,7 @@ import pytest
 
 from backends.discovery import Discovery, DnsName
 from backends.health import HealthPolicy
+from backends.life import ModelLife
 from backends.lifecycle import BackendState as S
 from backends.pool import Replica, ReplicaPool
 from tests.helpers import Dns, until
@@ -24,7 +25,7 @@ class Watcher:
     def __init__(self) -> None:
         self.watched: list[Replica] = []
 
-    def watch(self, name: str, replica: Replica, policy: HealthPolicy) -> None:
+    def watch(self, life: ModelLife, replica: Replica, policy: HealthPolicy) -> None:
         self.watched.append(replica)
 
     def forget(self, replica: Replica) -> None:
@@ -32,9 +33,15 @@ class Watcher:
 
 
 def discovery(dns: Dns, **options: Any) -> tuple[Discovery, ReplicaPool, Watcher]:
-    pool, watcher = ReplicaPool("chat"), Watcher()
-    found = Discovery(pool, NAME, 60, watcher, HealthPolicy(), resolver=dns, **options)
-    return found, pool, watcher
+    life, watcher = ModelLife("chat"), Watcher()
+    found = Discovery(life, NAME, 60, watcher, HealthPolicy(), resolver=dns, **options)
+    return found, ReplicaPool("chat", life.replicas), watcher
+
+
+async def admit(found: Discovery, *replicas: Replica) -> None:
+    """What the health checker has the model's life do once they pass."""
+    for replica in replicas:
+        await found.life.move(S.READY, replica)
 
 
 def dns_asked(found: Discovery) -> list[tuple[str, int]]:
@@ -62,8 +69,7 @@ async def test_an_address_gone_from_dns_leaves_after_its_requests_end() -> None:
     found, pool, watcher = discovery(dns)
     await found.refresh()
     first, second = pool.replicas
-    for replica in pool.replicas:
-        replica.move(S.READY)  # what the health checker does once they pass
+    await admit(found, *pool.replicas)
     lease = second.lease(pool)  # a request in flight on the pod that will go
     dns.answer = ["10.0.0.1"]
     await found.refresh()
@@ -139,8 +145,7 @@ async def test_affinity_moves_only_the_sessions_of_a_pod_that_left_or_joined() -
     found, pool, _ = discovery(dns)
     pool.policy = "affinity"
     await found.refresh()
-    for replica in pool.replicas:
-        replica.move(S.READY)
+    await admit(found, *pool.replicas)
     before = sessions(pool)
     dns.answer = ["10.0.0.1", "10.0.0.2", "10.0.0.4"]  # 10.0.0.3 goes
     await found.refresh()
@@ -151,7 +156,7 @@ async def test_affinity_moves_only_the_sessions_of_a_pod_that_left_or_joined() -
     assert 300 < len(moved) < 700  # its quarter, about
     dns.answer = ["10.0.0.1", "10.0.0.2", "10.0.0.4", "10.0.0.5"]  # a new pod: in front
     await found.refresh()
-    pool.replicas[-1].move(S.READY)
+    await admit(found, pool.replicas[-1])
     pool.replicas.insert(0, pool.replicas.pop())  # list order is not identity
     joined = sessions(pool)
     assert {k for k in after if after[k] != joined[k]} == {

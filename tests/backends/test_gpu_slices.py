@@ -6,7 +6,6 @@ the same paths in tests/integration/test_spawn.py, and on a GPU in load/gpu_chec
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -130,8 +129,9 @@ async def test_a_restart_waits_until_the_old_tree_frees_its_gpu_memory(
             os.kill(server, signal.SIGKILL)
             await until(lambda: "to free their GPU memory" in caplog.text, 10)
         held_since = time.monotonic()
-        await asyncio.sleep(0.5)
-        assert backend.replica.state is BackendState.RESTARTING  # no new server meanwhile
+        life = sup.life("m")
+        moved = await life.until(lambda: backend.replica.state is not BackendState.RESTARTING, 0.5)
+        assert not moved  # no new server while the old tree holds the GPU
         fake_nvidia_smi.write_text("")
         await until(lambda: ready(sup, "m"), 15)
         assert backend.process.started_at > held_since

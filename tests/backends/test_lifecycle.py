@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.lifecycle import TRANSITIONS, BackendState, InvalidTransition
+from backends.lifecycle import TRANSITIONS, BackendState, InvalidTransition, Level, check
 from backends.pool import Replica, ReplicaPool
 
 S = BackendState
@@ -37,8 +37,23 @@ def test_a_move_the_table_does_not_list_is_refused(start: S, target: S) -> None:
     assert replica.state is start
 
 
-def test_every_state_is_in_the_table() -> None:
-    assert set(TRANSITIONS) == set(BackendState)
+def test_every_state_is_in_the_table_at_one_level_or_both_and_moves_stay_within_it() -> None:
+    replica, model = TRANSITIONS[Level.REPLICA], TRANSITIONS[Level.MODEL]
+    assert set(replica) | set(model) == set(BackendState)
+    for table in (replica, model):
+        assert all(targets <= set(table) for targets in table.values())
+    assert S.STARTING not in replica and S.UNHEALTHY not in model
+
+
+def test_a_model_moves_along_its_own_level_of_the_table() -> None:
+    check(S.STOPPED, S.STARTING, Level.MODEL)
+    check(S.ASLEEP, S.STOPPED, Level.MODEL)  # from anywhere
+    check(S.STOPPED, S.ASLEEP, Level.MODEL)  # its servers adopted asleep after a restart
+    check(S.STOPPED, S.ASLEEP)  # one such server
+    with pytest.raises(InvalidTransition, match="model stopped -> ready"):
+        check(S.STOPPED, S.READY, Level.MODEL)
+    with pytest.raises(InvalidTransition, match="replica stopped -> starting"):
+        check(S.STOPPED, S.STARTING)
 
 
 def test_a_lease_counts_a_request_and_its_stream_once() -> None:

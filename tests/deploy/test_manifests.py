@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from gateway.commands import kube
-from gateway.settings import load_settings, settings_from_dict
+from gateway.config_file import load_settings, settings_from_dict
 from gateway.specs import backend_specs
 from tests.servers import ROOT
 
@@ -107,15 +107,26 @@ def test_the_generated_config_carries_every_setting_and_the_spawn_command() -> N
         "cors": {"allowed_origins": ["https://app.example"]},
         "stream_usage": "always",
         "max_body_bytes": 1024 * 1024,
+        "workers": 4,
+        "metrics": {"requests_by_key": True},
         "api_keys": ["sk-never-in-a-configmap"],
         "models": [
             {
                 "name": "chat",
-                "vllm": {"model": "Qwen/Qwen2.5-7B-Instruct", "gpus": [0, 1]},
+                "vllm": {
+                    "model": "Qwen/Qwen2.5-7B-Instruct",
+                    "gpus": [0, 1],
+                    "lora": {"adapters": {"sql": "/adapters/sql"}},
+                },
                 "balance": "affinity",
                 "affinity_header": "X-Conversation",
+                "fallbacks": ["small"],
+                "fallback_on": ["unavailable", "timeout"],
+                "adapter_fallbacks": {"sql": ["small"]},
+                "timeouts": {"first_byte": 1800},
             },
             {"name": "embed", "url": "http://embedder:8000", "api_key": "sk-backend-secret"},
+            {"name": "small", "url": "http://small:8000"},
         ],
     }
     settings = settings_from_dict(source, env={})
@@ -127,15 +138,20 @@ def test_the_generated_config_carries_every_setting_and_the_spawn_command() -> N
     config = settings_from_dict(generated, env=in_cluster)
     assert config.timeouts == settings.timeouts and config.cors == settings.cors
     assert (config.stream_usage, config.max_body_bytes) == ("always", 1024 * 1024)
+    assert config.workers == 4
     assert config.models[0].affinity_header == "X-Conversation"
     assert config.models[0].balance == "affinity"
+    traffic = ("fallbacks", "fallback_on", "adapter_fallbacks", "timeouts")
+    for model, there in zip(settings.models, config.models, strict=True):
+        assert [getattr(there, k) for k in traffic] == [getattr(model, k) for k in traffic]
+    assert config.metrics.requests_by_key
     container = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     spec = backend_specs(settings)[0]
     assert (
         container["command"]
         == [
             "python",  # the config's launcher, not this machine's interpreter
-            *spec.command(8000, api_key=None, host="0.0.0.0")[1:],
+            *spec.command(8000, host="0.0.0.0")[1:],
         ]
     )
     assert "--tensor-parallel-size" in container["command"]
@@ -166,3 +182,66 @@ def test_compose_runs_the_seed_config_with_gpus_and_keys_from_the_environment() 
     assert devices[0]["capabilities"] == ["gpu"]
     assert all(v.startswith("${") or v == "json" for v in gateway["environment"].values())
     assert "model-cache" in compose["volumes"]
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl (with kustomize) is not installed")
+def test_the_redis_component_gives_every_gateway_replica_one_limits_store() -> None:
+    """Production includes it: a Redis only gateway pods reach, its password from a Secret, and
+    the gateway's environment naming it, which the generated config's loader takes up."""
+    objects = render("production")
+    by_name = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    redis = by_name[("Deployment", "vllm-gateway-redis")]["spec"]["template"]["spec"]
+    assert "--requirepass" in redis["containers"][0]["args"]
+    service = by_name[("Service", "vllm-gateway-redis")]
+    policy = by_name[("NetworkPolicy", "vllm-gateway-redis-only-from-gateway")]
+    assert policy["spec"]["podSelector"]["matchLabels"] == service["spec"]["selector"]
+    gateway = by_name[("Deployment", "vllm-gateway")]["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in gateway["containers"][0]["env"]}
+    url = env["VLLM_GATEWAY_LIMITS_STORE"]["value"]
+    assert url == f"redis://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/0"
+    secret = env["VLLM_GATEWAY_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert secret == redis["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]
+    (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    in_cluster = {"VLLM_GATEWAY_LIMITS_STORE": url, "VLLM_GATEWAY_REDIS_PASSWORD": "from-secret"}
+    config = settings_from_dict(yaml.safe_load(config_map["data"]["config.yaml"]), env=in_cluster)
+    assert config.limits_store is not None and config.limits_store.url == url
+    assert config.limits_store.password is not None
+    dev = {(o["kind"], o["metadata"]["name"]) for o in render("dev")}
+    assert ("Deployment", "vllm-gateway-redis") not in dev  # one replica: nothing to share
+
+
+def test_the_generated_config_keeps_the_limits_policy_and_leaves_the_url_to_the_cluster() -> None:
+    source = {
+        "models": [{"name": "chat", "vllm": {"model": "Qwen/Qwen2.5-7B-Instruct"}}],
+        "limits_store": {"url": "redis://127.0.0.1:6379/0", "on_error": "fail_closed"},
+    }
+    settings = settings_from_dict(source, env={})
+    (config_map,) = [o for o in kube.manifests(settings) if o["kind"] == "ConfigMap"]
+    generated = yaml.safe_load(config_map["data"]["config.yaml"])
+    assert generated["limits_store"] == {"on_error": "fail_closed"}
+    assert any("components/redis" in w for w in kube.warnings(settings))
+
+
+def test_a_prefix_models_pods_publish_their_kv_events_and_the_gateway_reads_each_pod() -> None:
+    source = {
+        "models": [
+            {
+                "name": "chat",
+                "vllm": {"model": "Qwen/Qwen2.5-7B-Instruct", "replicas": 2},
+                "balance": "prefix",
+                "prefix": {"load_slack": 4},
+            }
+        ]
+    }
+    objects = {obj["kind"]: obj for obj in kube.manifests(settings_from_dict(source, env={}))}
+    container = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    command = container["command"]
+    published = yaml.safe_load(command[command.index("--kv-events-config") + 1])
+    assert published["endpoint"] == f"tcp://*:{kube.KV_EVENTS_PORT}"  # not a file of the host
+    assert {"name": "kv-events", "containerPort": kube.KV_EVENTS_PORT} in container["ports"]
+    generated = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])
+    (model,) = settings_from_dict(generated, env={}).models
+    assert model.discover is not None and model.balance == "prefix"
+    assert (model.prefix.kv_events_port, model.prefix.load_slack) == (kube.KV_EVENTS_PORT, 4)
+    policy = yaml.safe_load((DEPLOY / "k8s" / "base" / "network-policy.yaml").read_text())
+    assert {"port": kube.KV_EVENTS_PORT, "protocol": "TCP"} in policy["spec"]["ingress"][0]["ports"]

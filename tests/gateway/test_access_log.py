@@ -6,8 +6,9 @@ import asyncio
 import io
 import json
 
-from gateway.access_log import FLUSH_EVERY, AccessLog
+from gateway.access_log import AccessLog
 from gateway.record import RequestRecord
+from tests.helpers import until
 
 
 class CountingStream(io.StringIO):
@@ -32,7 +33,7 @@ def test_lines_written_together_on_the_next_flush() -> None:
         for n in range(100):  # under one buffer (32 KB)
             log.write(record(n), 0.001)
         assert stream.writes == 0  # nothing yet: the lines wait for the timer
-        await asyncio.sleep(FLUSH_EVERY * 3)
+        await until(lambda: stream.writes > 0, what="the timer's flush")
 
     asyncio.run(burst())
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.app import Dispatcher
+from gateway.dispatch import Dispatcher
 
 
 async def run_lifespan(dispatcher: Dispatcher) -> list[dict[str, Any]]:

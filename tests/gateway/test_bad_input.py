@@ -44,7 +44,7 @@ def gateway(backend: FakeBackend) -> Iterator[GatewayServer]:
         [{"name": backend.name, "url": backend.url}],
         api_keys=[KEY],
         max_body_bytes=LIMIT,
-        max_header_bytes=8192,
+        max_head_bytes=8192,
         timeouts={"client": 1.0},
     )
     server = GatewayServer(settings)

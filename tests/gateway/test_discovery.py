@@ -108,7 +108,15 @@ def test_a_pod_is_admitted_only_once_it_serves_and_an_outage_keeps_the_set(
     slow = FakeBackend("m", "--startup-delay", "1.5", port=port, host="127.0.0.3", wait=False)
     try:
         pods.dns.answer = ["127.0.0.1", "127.0.0.3"]
-        wait_until(lambda: pods.states().get(pods.address("127.0.0.1")) == "ready", 10, "a")
+        states = pods.states
+        wait_until(
+            lambda: (
+                states().get(pods.address("127.0.0.1")) == "ready"
+                and pods.address("127.0.0.3") in states()
+            ),
+            10,
+            "a serving and the slow one seen",
+        )
         assert pods.states()[pods.address("127.0.0.3")] == "joining"
         assert [pods.chat().status_code for _ in range(5)] == [200] * 5  # all on a meanwhile
         wait_until(lambda: pods.states()[pods.address("127.0.0.3")] == "ready", 10, "slow in")

@@ -7,6 +7,7 @@ import orjson
 import pytest
 
 from gateway.app import create_app
+from gateway.config_file import ConfigError, settings_from_dict
 from gateway.errors import (
     AuthenticationFailed,
     BackendLoading,
@@ -14,7 +15,6 @@ from gateway.errors import (
     ModelNotFound,
     sse_error_event,
 )
-from gateway.settings import ConfigError, settings_from_dict
 
 
 def test_error_body_is_openai_shaped() -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.h1 import ClosedEarly, ClosedMidBody, ConnectFailed, Malformed, Pool
 from gateway.upstream import translate
+from tests.helpers import until
 
 Answer = Callable[[int, bytes], list[bytes | float | None]]  # (request no., request) -> script
 
@@ -26,6 +27,7 @@ class Scripted:
         self.requests: list[bytes] = []
         self.connections = 0
         self.closed_by_client = asyncio.Event()
+        self.hung_up = asyncio.Event()  # the script closed a connection (None)
 
     async def start(self, ssl_context: ssl.SSLContext | None = None) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=ssl_context)
@@ -50,6 +52,7 @@ class Scripted:
                 for step in self.answer(len(self.requests), request):
                     if step is None:
                         writer.close()
+                        self.hung_up.set()
                         return
                     if isinstance(step, float):  # a pause that notices the client leave
                         try:
@@ -152,7 +155,7 @@ async def test_a_close_delimited_body_ends_with_the_connection(serve: Serve) -> 
 async def test_an_idle_connection_the_server_closed_is_retried_on_a_fresh_one(serve: Serve) -> None:
     server, pool = await serve(lambda n, request: [OK, None])  # answers, then hangs up
     await (await pool.request("POST", "/", [], b"{}")).read()
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(server.hung_up.wait(), 2)
     response = await pool.request("POST", "/", [], b"{}")
     assert await response.read() == b"hello"
     assert server.connections == 2 and len(server.requests) == 2
@@ -164,7 +167,7 @@ async def test_bytes_nobody_asked_for_are_never_taken_for_the_next_answer(serve:
     response = await pool.request("POST", "/", [], b"{}")
     assert await response.read() == b"hello"
     response.release()
-    await asyncio.sleep(0.2)
+    await until(lambda: all(c.closed for c in pool.idle), 2, "the stray answer to drop it")
     again = await pool.request("POST", "/", [], b"{}")
     assert await again.read() == b"hello"
     assert server.connections == 2  # the first one was dropped when the stray answer came
@@ -269,7 +272,7 @@ async def test_a_connect_timeout_is_connect_failed(monkeypatch: pytest.MonkeyPat
 async def test_cancelling_a_request_drops_its_connection(serve: Serve) -> None:
     server, pool = await serve(always(3600.0))
     task = asyncio.create_task(pool.request("POST", "/", [], b"{}"))
-    await asyncio.sleep(0.1)
+    await until(lambda: len(server.requests) == 1, 2, "the request at the server")
     task.cancel()
     await asyncio.wait_for(server.closed_by_client.wait(), 2)  # the backend sees it go
 
@@ -289,7 +292,9 @@ async def test_a_slow_reader_pauses_the_connection_and_loses_nothing(serve: Serv
     reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
     _server, pool = await serve(always(reply, body))
     response = await pool.request("GET", "/", [])
-    await asyncio.sleep(0.2)  # let it pile up
+    transport = response._conn.transport
+    assert transport is not None
+    await until(lambda: not transport.is_reading(), 5, "the client to stop reading")
     assert await response.read() == body
 
 

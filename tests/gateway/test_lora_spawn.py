@@ -133,7 +133,7 @@ async def test_a_partial_load_is_undone_and_names_the_replica_that_failed(
 
 
 def test_adapter_names_may_not_clash_with_model_names() -> None:
-    from gateway.settings import ConfigError, settings_from_dict
+    from gateway.config_file import ConfigError, settings_from_dict
 
     clash = {**BASE, "vllm": {**BASE["vllm"], "lora": {"adapters": {"m": "/a"}}}}  # type: ignore[dict-item]
     with pytest.raises(ConfigError) as info:

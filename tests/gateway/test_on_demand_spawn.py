@@ -19,7 +19,7 @@ import pytest
 
 from backends.supervisor import Supervisor
 from gateway.specs import backend_specs, on_demand_names
-from tests.helpers import FAST_SPAWN
+from tests.helpers import FAST_SPAWN, Output, wait_until
 from tests.servers import FAKE_VLLM, GatewayProcess, GatewayServer, alive, gateway_settings
 
 pytestmark = pytest.mark.servers  # starts processes or servers on loopback
@@ -94,6 +94,15 @@ class OnDemandGateway:
         return float(line.rsplit(" ", 1)[1])
 
 
+def gateway_waiting(url: str, model: str) -> float:
+    """Requests the gateway at ``url`` holds for ``model``'s start (its metrics say)."""
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+    prefix = f'vllm_gateway_model_waiting_requests{{model="{model}"}} '
+    return next(
+        (float(x.removeprefix(prefix)) for x in text.splitlines() if x.startswith(prefix)), 0.0
+    )
+
+
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[OnDemandGateway]:
     server = OnDemandGateway(
@@ -151,13 +160,10 @@ def test_a_stream_longer_than_the_idle_ttl_completes_then_the_model_stops(
     assert lasted > 1.0  # two TTLs and more: the open stream kept the model up
     assert events[-1] == "data: [DONE]" and len(events) == 21
     assert gateway.running("paced")
-    deadline = time.monotonic() + 10
-    while gateway.running("paced") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not gateway.running("paced")
+    wait_until(lambda: not gateway.running("paced"), 10, "paced to stop once idle")
 
 
-def test_admin_lists_loads_and_unloads_models_and_writes_each_action_down(
+def test_admin_lists_loads_and_stops_models_and_writes_each_action_down(
     gateway: OnDemandGateway, capfd: pytest.CaptureFixture[str]
 ) -> None:
     assert gateway.admin("GET", "/models", key=USER).status_code == 403
@@ -171,15 +177,27 @@ def test_admin_lists_loads_and_unloads_models_and_writes_each_action_down(
     loaded = gateway.admin("POST", "/models/a/load")
     assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
     assert loaded.json()["last_load_s"] > 0.4 and gateway.running("a")
-    unloaded = gateway.admin("POST", "/models/a/unload")
-    assert unloaded.status_code == 200 and unloaded.json()["state"] == "stopped"
+    stopped = gateway.admin("POST", "/models/a/stop")
+    assert stopped.status_code == 200 and stopped.json()["state"] == "stopped"
     assert not gateway.running("a")
     missing = gateway.admin("POST", "/models/nope/load")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
-    time.sleep(0.3)  # the access log is written in batches every 0.1 s
-    log = capfd.readouterr().err
-    assert "action=load model=a key=ops result=ready" in log
-    assert "action=unload model=a key=ops result=stopped" in log
+    Output(capfd).wait_for(
+        "action=load model=a key=ops result=ready", "action=stop model=a key=ops result=stopped"
+    )
+
+
+def test_the_old_unload_endpoint_still_stops_and_logs_that_it_is_deprecated(
+    gateway: OnDemandGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert gateway.admin("POST", "/models/a/load").json()["state"] == "ready"
+    unloaded = gateway.admin("POST", "/models/a/unload")
+    assert unloaded.status_code == 200 and unloaded.json()["state"] == "stopped"
+    assert not gateway.running("a")
+    warned = [r for r in caplog.records if r.name == "vllm_gateway.admin"]
+    assert [r.levelname for r in warned] == ["WARNING"]
+    assert "deprecated" in warned[0].getMessage()
+    assert "POST /admin/models/a/stop" in warned[0].getMessage()
 
 
 def test_a_model_that_cannot_start_answers_every_waiting_request_503(tmp_path: Path) -> None:
@@ -214,7 +232,7 @@ def test_sigterm_answers_requests_waiting_for_a_start_at_once(tmp_path: Path) ->
             headers={"Authorization": f"Bearer {USER}"},
             timeout=30,
         )
-        time.sleep(1.0)  # the request is held, the fake is sleeping through its start
+        wait_until(lambda: gateway_waiting(gateway.url, "slow") == 1, 20, "a held request")
         assert not waiting.done()
         gateway.proc.send_signal(signal.SIGTERM)
         answer = waiting.result(10)

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import ConfigError, load_settings, settings_from_dict
+from gateway.app import access_log as app_access_log
+from gateway.config_file import ConfigError, load_settings, settings_from_dict
 
 CHAT = {"name": "tiny-chat", "aliases": ["chat"], "url": "http://127.0.0.1:18001"}
 
@@ -166,3 +167,98 @@ def test_a_backend_key_may_come_from_the_environment() -> None:
     ]
     both = {**model, "api_key": "sk-x"}
     assert problems({"models": [both]}) == ["models[0]: give `api_key` or `api_key_env`, not both"]
+
+
+SPAWNED = {"name": "s", "vllm": {"model": "m"}}
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (
+            {**SPAWNED, "api_key": "sk-x"},
+            "models[0].api_key: is for connect mode: spawned servers get a key of their own",
+        ),
+        (
+            {**SPAWNED, "health": {"healthy_threshold": 3}},
+            "models[0].health.healthy_threshold: is for connect mode: a spawned server is "
+            "admitted as soon as /health and its model list answer; leave it out",
+        ),
+        (
+            {**CHAT, "affinity_header": "x-conversation"},
+            "models[0].affinity_header: applies only with `balance: affinity`; set that or "
+            "leave it out",
+        ),
+        (
+            {**SPAWNED, "on_demand": {"sleep_level": 2}},
+            "models[0].on_demand.sleep_level: applies only with `unload: sleep`; set that or "
+            "leave it out",
+        ),
+    ],
+)
+def test_an_option_another_setting_leaves_without_effect_is_an_error(
+    model: dict, expected: str
+) -> None:
+    assert problems({"models": [model]}) == [expected]
+
+
+def test_the_same_options_are_taken_where_they_apply() -> None:
+    models = [
+        {**CHAT, "balance": "affinity", "affinity_header": "x-conversation"},
+        {**SPAWNED, "on_demand": {"unload": "sleep", "sleep_level": 2}},
+        {"name": "c", "url": "http://h:2", "health": {"healthy_threshold": 3}},
+    ]
+    settings = settings_from_dict({"models": models}, env={})
+    assert settings.models[0].affinity_header == "x-conversation"
+    assert settings.models[2].health.policy().healthy_threshold == 3
+
+
+def test_problems_in_several_models_are_reported_together() -> None:
+    found = problems({"models": [{**SPAWNED, "api_key": "k"}, {**CHAT, "affinity_header": "x-a"}]})
+    assert [p.split(":")[0] for p in found] == ["models[0].api_key", "models[1].affinity_header"]
+
+
+def test_a_renamed_option_keeps_working_and_says_its_new_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = settings_from_dict({"models": [CHAT], "max_header_bytes": 8192}, env={})
+    assert settings.max_head_bytes == 8192
+    line = "config: `max_header_bytes` is now `max_head_bytes`; the old name will stop working"
+    assert settings.deprecations == (line,)
+    assert [r.getMessage() for r in caplog.records] == [f"deprecated: {line}"]
+    assert caplog.records[0].levelname == "WARNING"
+    assert settings_from_dict({"models": [CHAT]}, env={}).deprecations == ()
+
+
+def test_a_renamed_option_given_under_both_names_is_an_error() -> None:
+    assert problems({"models": [CHAT], "max_header_bytes": 8192, "max_head_bytes": 8192}) == [
+        "max_header_bytes: renamed to `max_head_bytes`; give only `max_head_bytes`"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("access_log", "log_level", "written"),
+    [
+        (None, "info", True),
+        (None, "debug", True),
+        (None, "warning", False),
+        (True, "warning", True),  # asked for: written at any level
+        (True, "error", True),
+        (False, "info", False),
+    ],
+)
+def test_the_access_log_is_written_when_asked_for_or_when_the_level_shows_info(
+    access_log: bool | None, log_level: str, written: bool
+) -> None:
+    raw: dict = {"models": [CHAT], "log_level": log_level}
+    if access_log is not None:
+        raw["access_log"] = access_log
+    settings = settings_from_dict(raw, env={})
+    assert settings.writes_access_log is written
+    assert (app_access_log(settings) is not None) is written
+
+
+def test_the_annotated_example_config_is_valid() -> None:
+    example = Path(__file__).parents[2] / "config" / "example.yaml"
+    settings = load_settings(example, env={})
+    assert settings.models[0].name == "tiny-chat" and settings.deprecations == ()

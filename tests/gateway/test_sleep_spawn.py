@@ -3,8 +3,9 @@ misuse a real vLLM would crash or hang on). The GPU run in load/results shows re
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from tests.gateway.test_on_demand_spawn import ADMIN, USER, OnDemandGateway, on_demand_model
-from tests.helpers import wait_until
+from tests.helpers import StreamReader, wait_until
 from tests.servers import alive, descendants
 
 pytestmark = pytest.mark.servers  # starts processes or servers on loopback
@@ -88,7 +89,7 @@ def test_a_model_sleeps_only_once_its_stream_has_ended(gateway: SleepGateway) ->
     reader = threading.Thread(target=stream)
     reader.start()
     wait_until(lambda: gateway.state("paced") == "ready", 10, "paced up")
-    time.sleep(0.3)  # the stream is under way
+    wait_until(lambda: gateway.stats("paced")["started"] == 1, 10, "the stream under way")
     asleep = gateway.admin("POST", "/models/paced/sleep")
     reader.join(10)
     assert asleep.status_code == 200 and asleep.json()["state"] == "asleep"
@@ -157,3 +158,43 @@ def test_a_sleep_mode_server_listens_only_on_a_socket_no_one_else_may_reach(
     ]
     server = next(c for c in commands if b"--served-model-name" in c)
     assert b"--uds" in server and b"--port" not in server
+
+
+def test_a_server_that_dies_while_its_model_drains_is_stopped_then_started_by_the_wake(
+    tmp_path: Path,
+) -> None:
+    """Two servers of one sleep-mode model; a stream holds the first while the model drains
+    for a sleep, and the second is killed meanwhile. The second is not restarted (a restart
+    would take its whole GPU share while the model is booked asleep): the model falls asleep
+    on the first, and the next request wakes the first and starts the second afresh."""
+    model = sleeper("pair", chunks=20, **{"gap-ms": 100, "gpu-memory-utilization": 0.4})
+    model["vllm"].update(gpus=[[0], [0]], replicas=2)
+    gateway = SleepGateway(tmp_path, [model])
+    try:
+        first, second = (gateway.supervisor.backends[f"pair#{i}"] for i in (0, 1))
+        body = {"model": "pair", "messages": [], "stream": True}
+        auth = {"Authorization": f"Bearer {USER}"}
+        reader = StreamReader(f"{gateway.url}/v1/chat/completions", body, auth)
+        wait_until(lambda: second.replica.state == "ready", 20, "the second server up")
+        answers: list[httpx.Response] = []
+        sleeper_call = threading.Thread(
+            target=lambda: answers.append(gateway.admin("POST", "/models/pair/sleep"))
+        )
+        sleeper_call.start()
+        wait_until(lambda: gateway.state("pair") == "draining", 10, "pair draining")
+        doomed = second.process.pid
+        assert doomed is not None
+        os.killpg(doomed, signal.SIGKILL)  # the reaper leads the server's process group
+        lines = reader.join()
+        sleeper_call.join(20)
+        assert answers and answers[0].json()["state"] == "asleep"
+        assert "data: [DONE]" in lines  # the stream on the first server ended intact
+        assert (first.replica.state, second.replica.state) == ("asleep", "stopped")
+        assert second.process.pid == doomed and not alive(doomed)  # nobody restarted it
+        asleep_pid = first.process.pid
+        assert gateway.chat("pair").status_code == 200
+        assert first.process.pid == asleep_pid  # woken, not restarted
+        wait_until(lambda: second.replica.state == "ready", 20, "the second started afresh")
+        assert second.process.pid not in (None, doomed)
+    finally:
+        gateway.server.close()

@@ -1,10 +1,20 @@
 """The relay's upstream side: one pool per backend, closed when that backend is gone for good;
-which headers cross the gateway in each direction."""
+which headers cross the gateway in each direction; which of the client's failures become
+which gateway errors (only those it is known to raise)."""
 
 from __future__ import annotations
 
-from gateway.h1 import Response
-from gateway.upstream import UpstreamClients, downstream_headers, upstream_headers
+import pytest
+
+from gateway.errors import GatewayError
+from gateway.h1 import ClosedEarly, ClosedMidBody, ConnectFailed, Malformed, Response
+from gateway.upstream import (
+    UpstreamClients,
+    downstream_headers,
+    translate,
+    upstream_errors,
+    upstream_headers,
+)
 
 
 async def test_a_forgotten_backend_has_its_pool_closed() -> None:
@@ -61,3 +71,34 @@ def test_hop_by_hop_headers_of_the_backend_stay_on_its_hop() -> None:
         (b"set-cookie", b"a=b"),
         (b"x-request-id", b"req-1"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (ConnectFailed("refused"), 503, "backend_unavailable"),
+        (ClosedEarly("closed", got_bytes=False), 503, "backend_unavailable"),
+        (ConnectionResetError(), 503, "backend_unavailable"),
+        (Malformed("not HTTP"), 502, "bad_gateway"),
+        (TimeoutError(), 504, "upstream_timeout"),
+    ],
+)
+def test_the_clients_known_failures_become_gateway_errors(
+    exc: Exception, status: int, code: str
+) -> None:
+    with pytest.raises(GatewayError) as raised, upstream_errors("m"):
+        raise exc
+    assert (raised.value.status, raised.value.code) == (status, code)
+    assert "'m'" in raised.value.message
+
+
+def test_a_failure_after_the_response_began_is_502() -> None:
+    assert translate(ConnectionResetError(), "m", started=True).code == "bad_gateway"
+    assert translate(ClosedMidBody("cut"), "m", started=True).code == "bad_gateway"
+
+
+@pytest.mark.parametrize("exc", [KeyError("bug"), ValueError("bug"), RuntimeError("bug")])
+def test_anything_else_is_not_translated_but_goes_on(exc: Exception) -> None:
+    """As httpx's map_httpcore_exceptions: an exception it does not know is a bug to show."""
+    with pytest.raises(type(exc)), upstream_errors("m"):
+        raise exc

@@ -4,7 +4,7 @@ environment of their own (they pin an older `openai` than vLLM). The OpenAI SDK 
 test_endpoints.py.
 
 Each is configured as its documentation says for a self-hosted base URL and nothing else; what a
-library gets wrong against vLLM itself is written down in the README, not worked around here.
+library gets wrong against vLLM itself is written down in docs/clients.md, not worked around here.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def test_cohere_v2_rerank_matches_vllm_direct(
 
 def test_cohere_v2_embed_floats_per_input_type(cohere_v2: cohere.ClientV2) -> None:
     """The tiny embedder defines input-type prompts; vLLM refuses `input_type` for a model
-    that does not (its 400 passes through unchanged; see the README)."""
+    that does not (its 400 passes through unchanged; see docs/clients.md)."""
 
     def embed(input_type: str) -> list[list[float]]:
         answer = cohere_v2.embed(
@@ -136,7 +136,7 @@ def test_langchain_embeddings_equal_vllm_direct(
     gateway: GatewayProcess, vllm: dict[str, str]
 ) -> None:
     """`check_embedding_ctx_length=False`: else LangChain sends tiktoken ids of OpenAI's
-    tokenizer, not text (see the README)."""
+    tokenizer, not text (see docs/clients.md)."""
     embeddings = OpenAIEmbeddings(
         model="tiny-embed",
         base_url=f"{gateway.url}/v1",
@@ -145,7 +145,7 @@ def test_langchain_embeddings_equal_vllm_direct(
         max_retries=0,
     )
     vectors = embeddings.embed_documents(DOCUMENTS)
-    assert [rounded(v) for v in vectors] == direct_embeddings(vllm, DOCUMENTS)
+    assert same_vectors(vectors, direct_embeddings(vllm, DOCUMENTS))
 
 
 CLIENTS_PYTHON = ROOT / ".venv-clients" / "bin" / "python"  # scripts/setup-env.sh builds it
@@ -173,11 +173,16 @@ def direct_embeddings(vllm: dict[str, str], texts: list[str]) -> list[list[float
         json={"model": "tiny-embed", "input": texts},
         timeout=60,
     ).json()["data"]
-    return [rounded(d["embedding"]) for d in data]
+    return [d["embedding"] for d in data]
 
 
-def rounded(vector: list[float]) -> list[float]:
-    return [round(x, 5) for x in vector]
+def same_vectors(got: list[list[float]], expected: list[list[float]]) -> bool:
+    """Equal within float noise: vLLM's CPU kernels give a text's embedding a last digit that
+    depends on what it was batched with. Sent as token ids instead of text (LangChain's
+    default), a vector would differ in every coordinate, far beyond this."""
+    return len(got) == len(expected) and all(
+        g == pytest.approx(e, abs=1e-4) for g, e in zip(got, expected, strict=True)
+    )
 
 
 PAIR = ["a cat sat on the mat", "stock prices fell"]  # what the client scripts embed
@@ -188,7 +193,7 @@ def test_llamaindex_openai_like_chat_stream_and_embeddings(
 ) -> None:
     report = run_client("llamaindex_check.py", gateway)
     assert report["chat"] == report["streamed"]  # greedy: the same text, streamed
-    assert [rounded(v) for v in report["vectors"]] == direct_embeddings(vllm, PAIR)
+    assert same_vectors(report["vectors"], direct_embeddings(vllm, PAIR))
 
 
 def test_litellm_as_a_library_chat_stream_embeddings_and_errors(
@@ -196,5 +201,5 @@ def test_litellm_as_a_library_chat_stream_embeddings_and_errors(
 ) -> None:
     report = run_client("litellm_check.py", gateway)
     assert report["usage"] == 8 and report["chat"] == report["streamed"]
-    assert [rounded(v) for v in report["vectors"]] == direct_embeddings(vllm, PAIR)
+    assert same_vectors(report["vectors"], direct_embeddings(vllm, PAIR))
     assert report["missing"] == "NotFoundError 404"

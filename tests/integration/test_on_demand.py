@@ -1,5 +1,5 @@
 """On-demand models with real vLLM: started by requests, swapped on a shared GPU, stopped when
-idle, loaded and unloaded by an admin, refused cleanly when they cannot start.
+idle, loaded and stopped by an admin, refused cleanly when they cannot start.
 
 Two tiny chat models on `gpus: [0]` with shares of 0.6 each cannot run together (vLLM's CPU
 build ignores the GPU flags, so the swap logic runs as it would on a GPU). They listen on unix
@@ -108,17 +108,17 @@ def test_a_request_for_the_other_model_swaps_them_and_back(gw: GatewayProcess) -
     assert metric(gw, 'vllm_gateway_model_loads_total{model="od-a"}') == 2
 
 
-def test_admin_lists_unloads_and_loads(gw: GatewayProcess) -> None:
+def test_admin_lists_stops_and_loads(gw: GatewayProcess) -> None:
     user = {"Authorization": f"Bearer {USER}"}
     assert httpx.get(f"{gw.url}/admin/models", headers=user).status_code == 403
     listing = httpx.get(f"{gw.url}/admin/models", headers=AUTH).json()["data"]
     states = {m["name"]: m["state"] for m in listing}
     assert states == {"od-a": "ready", "od-b": "stopped", "od-broken": "stopped"}
-    unloaded = httpx.post(f"{gw.url}/admin/models/od-a/unload", headers=AUTH, timeout=120)
-    assert unloaded.json()["state"] == "stopped" and serving(gw) == set()
+    stopped = httpx.post(f"{gw.url}/admin/models/od-a/stop", headers=AUTH, timeout=120)
+    assert stopped.json()["state"] == "stopped" and serving(gw) == set()
     loaded = httpx.post(f"{gw.url}/admin/models/od-b/load", headers=AUTH, timeout=300)
     assert loaded.json()["state"] == "ready" and serving(gw) == {"od-b"}
-    assert "action=unload model=od-a key=ops result=stopped" in gw.log.read_text()
+    assert "action=stop model=od-a key=ops result=stopped" in gw.log.read_text()
 
 
 def test_idle_ttl_after_the_last_response_the_server_is_gone(gw: GatewayProcess) -> None:
