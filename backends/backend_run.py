@@ -18,10 +18,12 @@ from pathlib import Path
 import httpx
 
 from backends import adapters, adoption, kv_cache, lifecycle, start_checks
+from backends.errors import SpawnError
 from backends.gpu_turns import GpuTurns
 from backends.health import is_healthy, served
 from backends.http import client_for
 from backends.kept import KeptServers
+from backends.kv_endpoints import prepare_socket_dir
 from backends.life import ModelLife
 from backends.lifecycle import BackendState
 from backends.pool import Replica
@@ -185,6 +187,11 @@ class BackendRun:
                 command, where = spec.command(port), f"port {port}"
             env = spec.environment(api_key=key)  # by environment: `ps` shows a command line
             keep = self.kept.keep_backends
+            try:
+                prepare_socket_dir(spec)
+            except SpawnError as exc:
+                log.error("%s: not started: %s", spec.label, exc)
+                return False
             await process.start(command, env, self.timings.stop_grace, keep)
             self.kept.record(spec, replica, process)
             log.info("%s: starting on %s (pid %s)", spec.label, where, process.pid)

@@ -11,6 +11,7 @@ and reaches the gateway's outer error boundary as such.
     │   ├── DeadlineUnmet    it would wait, or has waited, longer than its client allows
     │   └── ShuttingDown     the gateway stops
     ├── LoadFailed           no server of a model became ready (says why)
+    ├── SpawnError           a server cannot be spawned safely (its socket directory)
     ├── SleepModeError       a sleep or wake call failed, or the server says otherwise
     └── AdapterError         a server refused or failed a LoRA adapter load or unload
 """
@@ -66,6 +67,10 @@ class ShuttingDown(Unavailable):
 
 class LoadFailed(BackendError):
     """Raised by ``Servers.load`` when no server of the model became ready; says why."""
+
+
+class SpawnError(BackendError):
+    """A server cannot be spawned safely: a start that fails at once, counted as such."""
 
 
 class SleepModeError(BackendError):

@@ -15,13 +15,13 @@ from typing import Any
 
 import orjson
 
+from backends.kv_endpoints import kv_events_endpoint
 from backends.kv_events import Endpoints
 from backends.pool import Replica, ReplicaPool
 from backends.prefix_index import PrefixPolicy, PrefixRouter
 from backends.prompt_blocks import PromptBlocks
 from backends.supervisor import Supervisor
 from gateway.model_settings import ModelSettings
-from gateway.specs import kv_events_endpoint
 
 _MESSAGE = b"\x1e"  # before each message (ASCII record separator)
 _ROLE = b"\x1f"  # between a message's role and its content (unit separator)

@@ -4,7 +4,6 @@ models' switchboard."""
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -13,6 +12,7 @@ from urllib.parse import quote
 
 from backends.adapters import RUNTIME_ENV
 from backends.gpus import visible_gpu_memory
+from backends.kv_endpoints import KV_EVENTS_FLAG
 from backends.on_demand import OnDemandModel
 from backends.on_demand_api import OnDemand, Servers
 from backends.placement import shares_per_gpu, weight_bytes
@@ -89,9 +89,6 @@ def vllm_trace_env(tracing: TracingSettings, model: str) -> dict[str, str]:
     return env
 
 
-KV_EVENTS_FLAG = "kv-events-config"
-
-
 def kv_events_home(settings: GatewaySettings) -> str:
     """What names this gateway's KV-event sockets: its state directory's digest, the same for
     the next gateway on the same config (so that a kept server's command, the endpoint in it,
@@ -107,30 +104,10 @@ def with_kv_events(
     on an ipc socket of their own, which vLLM binds and the gateway connects to."""
     label = name if replica is None else f"{name}-{replica}"
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
-    path = Path(tempfile.gettempdir()) / f"vllm-gateway-kv-{home}-{safe}"
+    # a directory of its own, made 0700 when the server starts (``backends.kv_endpoints``)
+    path = Path(tempfile.gettempdir()) / f"vllm-gateway-kv-{home}" / safe
     config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"ipc://{path}"}
     return {**args, KV_EVENTS_FLAG: config}
-
-
-def kv_events_endpoint(spec: VllmSpec) -> str | None:
-    """Where the gateway reads a spawned server's KV-cache events, if it publishes them: its
-    publisher's endpoint (a wildcard host is the server's own, so the loopback address)."""
-    config = spec.args.get(KV_EVENTS_FLAG)
-    if isinstance(config, str):
-        try:
-            config = json.loads(config)
-        except ValueError:
-            return None
-    if not isinstance(config, dict) or not config.get("enable_kv_cache_events"):
-        return None
-    if config.get("publisher", "zmq") != "zmq":
-        return None
-    endpoint = config.get("endpoint", "tcp://*:5557")  # vLLM's default
-    if not isinstance(endpoint, str):
-        return None
-    for wildcard in ("://*:", "://0.0.0.0:"):
-        endpoint = endpoint.replace(wildcard, "://127.0.0.1:")
-    return endpoint.replace("://[::]:", "://[::1]:")
 
 
 def launcher(configured: list[str]) -> tuple[str, ...]:

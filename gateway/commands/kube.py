@@ -19,11 +19,12 @@ from typing import Any
 
 import yaml
 
+from backends.kv_endpoints import KV_EVENTS_FLAG
 from backends.spec import VllmSpec
 from gateway.limits.settings import LIMITS_STORE_ENV
 from gateway.model_settings import ModelSettings
 from gateway.settings import GatewaySettings
-from gateway.specs import KV_EVENTS_FLAG, backend_specs
+from gateway.specs import backend_specs
 
 VLLM_IMAGE = "vllm/vllm-openai:v0.24.0"
 VLLM_PORT = 8000

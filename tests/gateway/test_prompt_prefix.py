@@ -9,12 +9,13 @@ from pathlib import Path
 import orjson
 import pytest
 
+from backends.kv_endpoints import kv_events_endpoint
 from backends.pool import Replica, ReplicaPool
 from backends.supervisor import Supervisor
 from gateway.config_file import ConfigError
 from gateway.model_settings import ModelSettings
 from gateway.prompt_prefix import kv_event_endpoints, prefix_router, prompt_hashes, render
-from gateway.specs import backend_specs, kv_events_endpoint
+from gateway.specs import backend_specs
 from tests.servers import gateway_settings
 
 SYSTEM = {"role": "system", "content": "You answer questions about the harbour."}
@@ -102,6 +103,8 @@ def test_spawned_prefix_models_publish_kv_events_on_an_endpoint_per_replica() ->
     assert endpoints[2] is None  # not balanced by prefix: nothing published
     assert endpoints[0] and endpoints[1] and endpoints[0] != endpoints[1]
     assert all(e.startswith("ipc://") for e in endpoints[:2] if e)  # vLLM binds, we connect
+    folders = {Path(e.removeprefix("ipc://")).parent for e in endpoints[:2] if e}
+    assert len(folders) == 1  # one folder of the gateway's own (made 0700 as a server starts)
     command = specs[0].command(8000, None)
     config = orjson.loads(command[command.index("--kv-events-config") + 1])
     assert config == {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoints[0]}
