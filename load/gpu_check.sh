@@ -20,6 +20,8 @@
 #                   one, a gateway restart adopts all
 #   prefix          `balance: prefix` against `least_outstanding`, two 7B-shape replicas on
 #                   GPU 0, time to first token (load/gpu_prefix.py; BLOCKS caps each cache)
+#   swaps           the swap scheduler against LRU: two sleeping 7B-shape models and a tiny one
+#                   on GPU 0, one trace replayed, the policies interleaved (load/gpu_swaps.py)
 #   workers         `workers` 1 and 4 against direct, the tiny chat model at 0.3 of GPU 0,
 #                   vLLM's benchmark client over several processes (load/gpu_workers.py)
 #   report          load/results/gpu-<date>.md (and a copy in $OUT when set)
@@ -166,8 +168,18 @@ prefix)
 workers)
   doc=${OUT:-$res}/workers.json
   timeout "${WORKERS_BUDGET:-560}" python3 load/gpu_workers.py "$STATE/tiny/chat" "$STATE/workers" \
-    --save "$doc" --concurrency "${CONCURRENCY:-256}" --rounds "${ROUNDS:-3}" || true
+    --save "$doc" --concurrency "${CONCURRENCY:-256,64,512}" --rounds "${ROUNDS:-3}" || true
   cp "$doc" "$res/" 2>/dev/null || true
+  ;;
+swaps)
+  [ -d "$STATE/chat-7b" ] || python3 load/gpu_models.py "$STATE/chat-7b" --tokenizer-from "$STATE/tiny/chat" | tee "$res/model.txt"
+  doc=${OUT:-$res}/swaps.json
+  timeout "${SWAPS_BUDGET:-570}" python3 load/gpu_swaps.py "$STATE/chat-7b" "$STATE/tiny/chat" \
+    "$STATE/swaps" --save "$doc" --rounds "${ROUNDS:-2}" --seconds "${SECONDS_PER_REPLAY:-60}" || true
+  grep -E "asleep|awake|woke|swap|ready after|start failed" "$STATE/swaps/swaps-gateway.log" \
+    | tail -80 > "$res/swaps-gateway-lines.txt" || true
+  cp "$doc" "$res/" 2>/dev/null || true
+  [ -z "${OUT:-}" ] || cp "$res/swaps-gateway-lines.txt" "$OUT/"
   ;;
 report)
   mkdir -p load/results

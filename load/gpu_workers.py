@@ -1,14 +1,14 @@
 """`workers: 1` and `workers: 4` against direct on the GPU (issue 35). Run by
 `load/gpu_check.sh workers` on the GPU machine.
 
-    python3 load/gpu_workers.py TINY_CHAT_DIR OUT_DIR --save FILE.json [--concurrency 256]
-        [--rounds 3] [--clients 4]
+    python3 load/gpu_workers.py TINY_CHAT_DIR OUT_DIR --save FILE.json
+        [--concurrency 256,64,512] [--rounds 3] [--clients 4]
 
 One tiny chat server on GPU 0 (0.3 of it), started directly; two gateways in connect mode in
 front of it at once (ports 8001 and 8004, `workers` 1 and 4). vLLM's benchmark client, split
 over ``--clients`` processes so that it is not the limit, streams completions (128 in, 128
-out) at ``--concurrency`` in all; direct, workers 1 and workers 4 take turns, the first of each
-round rotating. Per run: output tokens/s (summed over the clients), the clients' median
+out) at each ``--concurrency`` in all; direct, workers 1 and workers 4 take turns, the first of
+each round rotating. Per run: output tokens/s (summed over the clients), the clients' median
 inter-token latency, and the CPU the gateway's processes used.
 """
 
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("out", type=Path)
     parser.add_argument("--save", type=Path, required=True)
-    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--concurrency", default="256,64,512", help="comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
     args = parser.parse_args()
@@ -128,7 +128,8 @@ def main() -> None:
     )  # fmt: skip
     direct = f"http://127.0.0.1:{port}"
     gateways = {w: gateway(w, 8000 + w, direct, args.out) for w in (1, 4)}
-    doc: dict[str, Any] = {"concurrency": args.concurrency, "clients": args.clients, "runs": []}
+    levels = [int(c) for c in args.concurrency.split(",")]
+    doc: dict[str, Any] = {"concurrency": levels, "clients": args.clients, "runs": []}
     try:
         wait(direct, 400, server)
         for w, proc in gateways.items():
@@ -138,24 +139,27 @@ def main() -> None:
         names = list(targets)
         bench(direct, args.model, 64, 1, args.out)  # warm-up, not counted
         for r in range(args.rounds):
-            for name in names[r % 3 :] + names[: r % 3]:
-                pid = gateways[int(name[-1])].pid if name != "direct" else None
-                cpu = tree_cpu(pid) if pid else 0.0
-                began = time.monotonic()
-                run = bench(targets[name], args.model, args.concurrency, args.clients, args.out)
-                run.update(target=name, round=r, seconds=round(time.monotonic() - began, 1))
-                if pid:
-                    run["gateway_cpu_s"] = round(tree_cpu(pid) - cpu, 2)
-                doc["runs"].append(run)
-                args.save.write_text(json.dumps(doc, indent=1))
-                print(json.dumps(run), flush=True)
-        summary = {}
-        for name in names:
-            mine = [x for x in doc["runs"] if x["target"] == name]
-            summary[name] = {
-                "output_tok_s_median": statistics.median(x["output_tok_s"] for x in mine),
-                "itl_p50_ms_median": statistics.median(x["itl_p50_ms"] for x in mine),
-            }
+            for c in levels:
+                for name in names[r % 3 :] + names[: r % 3]:
+                    pid = gateways[int(name[-1])].pid if name != "direct" else None
+                    cpu = tree_cpu(pid) if pid else 0.0
+                    began = time.monotonic()
+                    run = bench(targets[name], args.model, c, args.clients, args.out)
+                    run.update(target=name, concurrency=c, round=r)
+                    run["seconds"] = round(time.monotonic() - began, 1)
+                    if pid:
+                        run["gateway_cpu_s"] = round(tree_cpu(pid) - cpu, 2)
+                    doc["runs"].append(run)
+                    args.save.write_text(json.dumps(doc, indent=1))
+                    print(json.dumps(run), flush=True)
+        summary: dict[str, Any] = {}
+        for c in levels:
+            for name in names:
+                mine = [x for x in doc["runs"] if x["target"] == name and x["concurrency"] == c]
+                summary[f"{name}@{c}"] = {
+                    "output_tok_s_median": statistics.median(x["output_tok_s"] for x in mine),
+                    "itl_p50_ms_median": statistics.median(x["itl_p50_ms"] for x in mine),
+                }
         doc["summary"] = summary
         args.save.write_text(json.dumps(doc, indent=1))
     finally:
