@@ -51,7 +51,7 @@ def config(big: str, tiny: str, state: Path, policy: str) -> str:
             f"      model: {tiny if name == 'tiny-c' else big}",
             "      gpus: [0]",
             f"      args: {{gpu-memory-utilization: {share}, enforce-eager: true, "
-            "dtype: bfloat16, max-model-len: 4096}",
+            f"dtype: bfloat16{'' if name == 'tiny-c' else ', max-model-len: 4096'}}}",
             "    on_demand: {idle_ttl: 3600, min_resident: 0, start_timeout: 600, "
             "unload: sleep, sleep_level: 2}",
         ]
