@@ -16,8 +16,9 @@ waiting requests through ``backends.demand``):
   `min_resident` costs less than half as much, the swap waits for it (within the batch window
   and the deadlines).
 - **Batching**: a victim of no lower rank in session (used within ``QUIET_SHARE`` of the
-  batch window, `swaps.batch_window`, per GPU group) keeps serving, so that its session is
-  served without a swap back, until it has been quiet that long or the newcomer's first
+  batch window, `swaps.batch_window`, per GPU group; `auto`, the default, follows the swap's
+  time and the demand on both sides, ``swaps.BatchWindows``) keeps serving, so that its
+  session is served without a swap back, until it has been quiet that long or the newcomer's first
   waiter has waited the window, but never so long that a waiter's deadline would pass: the
   swap starts by the earliest deadline less the swap's estimated time. A swap that nobody
   waits for any more is dropped.
@@ -142,7 +143,7 @@ class CostPolicy:
             free_now = max(unload_cost(m, board) for m in victims)
             free_later = max(unload_cost(m, board) for m in later) + ready_at - now
             late = ready_at > deadline_bound(model, later, board, now)
-            if late or free_later > free_now + board.batch_window(model):
+            if late or free_later > free_now + board.batch_window(model, victims):
                 return None
         return Plan(later, wait_until=ready_at, why="cheaper in a moment")
 
@@ -150,7 +151,7 @@ class CostPolicy:
         self, model: OnDemandModel, victims: list[OnDemandModel], board: Switchboard, now: float
     ) -> tuple[float, str]:
         """Until when the victims keep serving (batching, the thrash guard); ``now`` if not."""
-        window = board.batch_window(model)
+        window = board.batch_window(model, victims)
         rank, thrashing = priority(model, board), board.thrashing(model, now)
         waiters = board.waiters(model)
         skip = alternating(model, board)

@@ -148,26 +148,40 @@ class LruPolicy:
         return Plan(None, wait_until=_min_resident_ends(awake), why="busy for min_resident")
 
 
-def return_cost(model: OnDemandModel, board: Switchboard) -> float:
-    """Seconds to bring the model back once it has gone the way a swap would send it."""
+def return_cost(model: OnDemandModel, board: Switchboard, unknown: float = UNKNOWN_RETURN) -> float:
+    """Seconds to bring the model back once it has gone the way a swap would send it
+    (``unknown`` if that was never measured nor configured)."""
     if model.config.unload == "sleep" and model.state in (S.READY, S.STARTING, S.WAKING):
         seconds = model.costs.wake(board.sleep_level(model))
     else:
         seconds = model.costs.cost("start")
-    return UNKNOWN_RETURN if seconds is None else seconds
+    return unknown if seconds is None else seconds
 
 
 def unload_cost(model: OnDemandModel, board: Switchboard) -> float:
     """Seconds until the model, unloaded for a swap, has freed its GPUs: its drain (the last of
     its requests in flight to end: a request's length times the harmonic number of how many,
     as for memoryless lengths), then its sleep or stop."""
-    costs = model.costs
     flight = model.in_flight
-    drain = (costs.service.request_s or 0.0) * sum(1.0 / i for i in range(1, flight + 1))
-    if model.state is S.READY and model.config.unload == "sleep":
+    drain = (model.costs.service.request_s or 0.0) * sum(1.0 / i for i in range(1, flight + 1))
+    return drain + settle_cost(model, board, asleep_later=model.state is S.READY)
+
+
+def settle_cost(model: OnDemandModel, board: Switchboard, *, asleep_later: bool) -> float:
+    """Seconds its sleep (``asleep_later`` and `unload: sleep`) or its stop takes, known
+    parts only."""
+    costs = model.costs
+    if asleep_later and model.config.unload == "sleep":
         level = board.sleep_level(model)
-        return drain + (costs.sleep(level, first=level == 1 and not model.slept_at_1) or 0.0)
-    return drain + (costs.cost("stop") or 0.0)
+        return costs.sleep(level, first=level == 1 and not model.slept_at_1) or 0.0
+    return costs.cost("stop") or 0.0
+
+
+def swap_time(model: OnDemandModel, victims: Sequence[OnDemandModel], board: Switchboard) -> float:
+    """Seconds the swap itself takes, drains aside: the victims' sleep or stop, then the
+    model's wake or start. Measured or configured parts only."""
+    out = max((settle_cost(v, board, asleep_later=True) for v in victims), default=0.0)
+    return out + (model.bring_up_cost() or 0.0)
 
 
 def over(model: OnDemandModel, held: dict[int, float]) -> bool:

@@ -22,8 +22,9 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final, Literal
 
 from opentelemetry.trace import Tracer
 
@@ -36,11 +37,14 @@ from backends.on_demand import OnDemandModel
 from backends.placement import available_host_memory
 from backends.signals import Signal
 from backends.swap_costs import DecayedRate
-from backends.swap_policy import LruPolicy, SwapPolicy, limit
+from backends.swap_policy import LruPolicy, SwapPolicy, limit, swap_time
 
 log = logging.getLogger("vllm_gateway.swaps")
+Window = float | Literal["auto"]
 S = BackendState
-DEFAULT_BATCH_WINDOW = 15.0  # seconds; the replay's targets need 90 (load/results/swaps-*.md)
+AUTO: Final = "auto"  # a batch window from each swap's time and demand (``Switchboard._auto``)
+AUTO_WINDOW_MAX = 120.0  # seconds `auto` holds a newcomer at most (the replay's: swaps-*.md)
+DEFAULT_BATCH_WINDOW: Window = AUTO
 HOST_RESERVE_BYTES = 8 * 2**30  # host memory a level-1 sleep must leave free for the rest
 POLICIES: dict[str, type[LruPolicy] | type[CostPolicy]] = {"lru": LruPolicy, "cost": CostPolicy}
 
@@ -48,15 +52,19 @@ POLICIES: dict[str, type[LruPolicy] | type[CostPolicy]] = {"lru": LruPolicy, "co
 @dataclass(frozen=True, slots=True)
 class BatchWindows:
     """`swaps.batch_window`, and the GPU groups that set their own (the smallest wins where a
-    model's GPUs fall in several)."""
+    model's GPUs fall in several). A window is seconds, or ``AUTO``: as long as the swap
+    itself takes (the ski-rental rule: a hold costs the newcomer's first request at most what
+    the swap does; cheap wakes, short holds, cold starts, long ones), stretched by how many
+    more requests the models in the way get than the newcomer, so that the model that serves
+    most of the traffic keeps the GPU longest."""
 
-    default: float = DEFAULT_BATCH_WINDOW
-    groups: tuple[tuple[frozenset[int], float], ...] = ()
+    default: Window = DEFAULT_BATCH_WINDOW
+    groups: tuple[tuple[frozenset[int], Window], ...] = ()
 
-    def for_gpus(self, gpus: Iterable[int]) -> float:
+    def for_gpus(self, gpus: Iterable[int]) -> list[Window]:
         mine = set(gpus)
         found = [window for group, window in self.groups if group & mine]
-        return min(found, default=self.default)
+        return found or [self.default]
 
 
 class Switchboard:
@@ -177,8 +185,18 @@ class Switchboard:
             key in self.key_swaps and self.key_swaps[key].value(now) > THRASH_SWAPS for key in keys
         )
 
-    def batch_window(self, model: OnDemandModel) -> float:
-        return self.windows.for_gpus(model.usage)
+    def batch_window(self, model: OnDemandModel, victims: Sequence[OnDemandModel]) -> float:
+        """Seconds ``victims`` in session may keep serving while ``model`` waits for them."""
+        windows = self.windows.for_gpus(model.usage)
+        return min(self._auto(model, victims) if w == AUTO else float(w) for w in windows)
+
+    def _auto(self, model: OnDemandModel, victims: Sequence[OnDemandModel]) -> float:
+        """`auto`: the swap's time, times how many more requests the victims get than the
+        model waiting for them (at least once, at most ``AUTO_WINDOW_MAX``)."""
+        now = clock.now()
+        theirs = sum(v.arrivals.rate(now) for v in victims)
+        share = theirs / (model.arrivals.rate(now) + 1e-9)
+        return min(AUTO_WINDOW_MAX, swap_time(model, victims, self) * max(1.0, share))
 
     def sleep_level(self, model: OnDemandModel) -> int:
         """The level the model sleeps at now: its `sleep_level`, or with `auto`, 1 when the

@@ -6,10 +6,11 @@
 Two on-demand 7B-shape models at 0.6 of GPU 0 each (they cannot share it; `unload: sleep`,
 level 2) and an on-demand tiny chat model at 0.2 (it fits beside one of them, not both), one
 gateway. A warm-up starts each once (the cold starts are not counted), then one seeded trace
-(``trace``: a hot model, a warm one, a rare one, in sessions) is replayed in real time, the
-policies taking turns (`swaps.policy` changed by `POST /admin/reload`, every model put to
-sleep before each replay, the first policy of each round alternating). Per replay: first-token
-latency p50/p95/p99 per model, requests answered, lost, and the swaps the gateway counted.
+(``swap_traces.gpu_sessions``: a hot model, a warm one, a rare one, in sessions) is replayed
+in real time, the policies taking turns (`swaps.policy` changed by `POST /admin/reload`,
+every model put to sleep before each replay, the first policy of each round alternating).
+Per replay: first-token latency p50/p95/p99 per model, requests answered, lost, and the
+swaps the gateway counted.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import statistics
 import subprocess
 import sys
@@ -29,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_steps import GATEWAY, HEADERS, wait_up
-from swap_traces import Row
+from swap_traces import Row, gpu_sessions
 
 MODELS = {"sleep-a": 0.6, "sleep-b": 0.6, "tiny-c": 0.2}
 
@@ -56,23 +56,6 @@ def config(big: str, tiny: str, state: Path, policy: str) -> str:
             "unload: sleep, sleep_level: 2}",
         ]
     return "\n".join(lines) + "\n"
-
-
-def trace(seconds: float, seed: int = 7) -> list[Row]:
-    """Sessions of a few requests each: sleep-a hot, sleep-b warm, tiny-c rare."""
-    rng = random.Random(seed)
-    rows: list[Row] = []
-    for model, sessions_per_s, users in (("sleep-a", 0.15, 6), ("sleep-b", 0.1, 3),
-                                          ("tiny-c", 0.05, 2)):  # fmt: skip
-        t = rng.expovariate(sessions_per_s)
-        while t < seconds:
-            key, at = f"{model}-user-{rng.randrange(users)}", t
-            for _ in range(1 + int(rng.expovariate(1 / 3))):
-                if at < seconds:
-                    rows.append(Row(round(at, 2), model, key, prompt=200, output=32))
-                at += rng.expovariate(1 / 4)
-            t += rng.expovariate(sessions_per_s)
-    return sorted(rows, key=lambda r: r.t)
 
 
 async def ask(client: httpx.AsyncClient, row: Row) -> dict[str, Any]:
@@ -143,7 +126,7 @@ def main() -> None:
         ["python3", "-m", "gateway", "serve", "--config", str(file)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    rows = trace(args.seconds)
+    rows = gpu_sessions(seconds=args.seconds)
     doc: dict[str, Any] = {"requests": len(rows), "seconds": args.seconds, "warm_up": {}}
     doc["runs"] = []
     try:

@@ -29,7 +29,7 @@ from backends.errors import DeadlineUnmet, QueueFull, Unavailable
 from backends.on_demand import OnDemandModel
 from backends.on_demand_api import OnDemand
 from backends.pool import ReplicaPool
-from backends.swaps import DEFAULT_BATCH_WINDOW, POLICIES, BatchWindows, Switchboard
+from backends.swaps import DEFAULT_BATCH_WINDOW, POLICIES, BatchWindows, Switchboard, Window
 from backends.virtual_servers import Seconds, VirtualServers
 
 GIB = 2**30
@@ -86,6 +86,18 @@ SCENARIOS = {
         ),
         host_free_gib=160.0,
     ),
+    # The GPU replay's (load/gpu_swaps.py): two 7B-shape models that cannot share the GPU,
+    # sleeping at level 2, and a tiny one beside either.
+    "gpu-sessions": Scenario(
+        (
+            SimModel("sleep-a", (0,), 0.6, weight_gib=14.0),
+            SimModel("sleep-b", (0,), 0.6, weight_gib=14.0),
+            SimModel("tiny-c", (0,), 0.2, weight_gib=0.1),
+        ),
+        host_free_gib=0.0,
+        min_resident=0.0,
+        idle_ttl=3600.0,
+    ),
     "alternation": Scenario(
         (
             SimModel("flip", (0,), 0.6),
@@ -105,7 +117,7 @@ class Setup:
     policy: Literal["lru", "cost"]
     sleep_level: Literal[1, 2, "auto"]
     deadlines: bool
-    window: float = DEFAULT_BATCH_WINDOW
+    window: Window = DEFAULT_BATCH_WINDOW
 
 
 def h200_seconds(rng: random.Random) -> Seconds:

@@ -1,4 +1,4 @@
-"""Traffic traces for the swap replay (load/swaps.py): the format, and the three traces.
+"""Traffic traces for the swap replay (load/swaps.py): the format, and the traces.
 
 A trace is JSON lines, one request each, in arrival order:
 
@@ -157,4 +157,28 @@ def alternation(seed: int = 3) -> list[Row]:
     return sorted(rows, key=lambda r: r.t)
 
 
-TRACES = {"skewed-day": skewed_day, "batch-job": batch_job, "alternation": alternation}
+def gpu_sessions(seed: int = 7, seconds: float = 3600.0) -> list[Row]:
+    """The GPU replay's trace (load/gpu_swaps.py runs a minute or two of it): sessions of a
+    few requests each, on two models that cannot share the GPU (sleep-a hot, sleep-b warm)
+    and a tiny rare one that fits beside either."""
+    rng = random.Random(seed)
+    rows: list[Row] = []
+    for model, sessions_per_s, users in (("sleep-a", 0.15, 6), ("sleep-b", 0.1, 3),
+                                          ("tiny-c", 0.05, 2)):  # fmt: skip
+        t = rng.expovariate(sessions_per_s)
+        while t < seconds:
+            key, at = f"{model}-user-{rng.randrange(users)}", t
+            for _ in range(1 + int(rng.expovariate(1 / 3))):
+                if at < seconds:
+                    rows.append(Row(round(at, 2), model, key, prompt=200, output=32))
+                at += rng.expovariate(1 / 4)
+            t += rng.expovariate(sessions_per_s)
+    return sorted(rows, key=lambda r: r.t)
+
+
+TRACES = {
+    "skewed-day": skewed_day,
+    "batch-job": batch_job,
+    "alternation": alternation,
+    "gpu-sessions": gpu_sessions,
+}

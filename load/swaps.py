@@ -1,7 +1,7 @@
 """Replay traffic against the swap scheduler: the cost policy next to LRU, same trace, same run.
 
     .venv/bin/python load/swaps.py                          # the three traces, virtual time
-    .venv/bin/python load/swaps.py --trace skewed-day --windows 0,15,30,60,120
+    .venv/bin/python load/swaps.py --trace skewed-day --windows auto,0,15,30,60,120
     .venv/bin/python load/swaps.py --seeds 11,12,13,14     # also other seeds, and one key
     .venv/bin/python load/swaps.py --write-traces DIR       # the traces as JSON lines
     .venv/bin/python load/swaps.py --url http://gw:8000 --api-key sk-... --trace-file T.jsonl
@@ -42,23 +42,23 @@ from swap_sim import SCENARIOS, Outcome, Run, Setup, replay
 from swap_traces import TRACES, Row, read, write
 
 from backends.clock import run_virtual
-from backends.swaps import DEFAULT_BATCH_WINDOW
+from backends.swaps import AUTO, DEFAULT_BATCH_WINDOW, Window
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "lru"
 
 
-def setups(windows: Iterable[float]) -> list[Setup]:
+def setups(windows: Iterable[Window]) -> list[Setup]:
     runs = [
         Setup(BASELINE, "lru", 2, deadlines=False),
         Setup("lru, level 1", "lru", 1, deadlines=False),
         Setup("lru, level auto", "lru", "auto", deadlines=False),
     ]
-    runs += [Setup(f"cost, window {w:g}s", "cost", "auto", True, w) for w in windows]
+    runs += [Setup(f"cost, window {_label(w)}", "cost", "auto", True, w) for w in windows]
     return runs
 
 
-def virtual(traces: list[str], windows: list[float], seed: int | None) -> dict[str, list[Run]]:
+def virtual(traces: list[str], windows: list[Window], seed: int | None) -> dict[str, list[Run]]:
     found: dict[str, list[Run]] = {}
     for name in traces:
         rows = _trace(name, seed)
@@ -133,7 +133,9 @@ async def _swaps(client: Any) -> float | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", default="all", help=f"all, or one of {', '.join(TRACES)}")
-    parser.add_argument("--windows", default="0,15,30,60,90,120", help="cost: batch windows")
+    parser.add_argument(
+        "--windows", default="auto,0,15,30,60,90,120", help="cost: batch windows (s, or auto)"
+    )
     parser.add_argument(
         "--seeds", default="", help="also the targets on these seeds of the traces, and one key"
     )
@@ -157,7 +159,7 @@ def main() -> int:
         run = asyncio.run(against(args.url, args.api_key, rows, args.speed, args.limit))
         print(json.dumps(swap_report.summary(run), indent=1))
         return 0
-    windows = [float(w) for w in args.windows.split(",") if w]
+    windows: list[Window] = [AUTO if w == AUTO else float(w) for w in args.windows.split(",") if w]
     runs = virtual(names, windows, args.seed)
     today = datetime.date.today().isoformat()
     command = "load/swaps.py " + " ".join(sys.argv[1:])
@@ -177,11 +179,15 @@ def firmness(runs: dict[str, list[Run]], seed: int | None, seeds: list[int]) -> 
         lines += [
             f"The targeted traces on other seeds (`--seed`), and on their own seed with one key "
             f"for every request, `lru` against `cost` at the default window "
-            f"({DEFAULT_BATCH_WINDOW:g} s):",
+            f"({_label(DEFAULT_BATCH_WINDOW)}):",
             "",
             *swap_checks.other_seeds(seeds, DEFAULT_BATCH_WINDOW, swap_report.summary),
         ]
     return lines
+
+
+def _label(window: Window) -> str:
+    return window if window == AUTO else f"{window:g}s"
 
 
 def _trace(name: str, seed: int | None) -> list[Row]:

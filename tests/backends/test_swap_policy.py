@@ -5,6 +5,7 @@ models, the thrash guard, and swaps nobody waits for. LRU, kept beside it, where
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from pytest import approx
 
@@ -13,7 +14,9 @@ from backends.cost_policy import THRASH_SWAPS, CostPolicy
 from backends.errors import DeadlineUnmet
 from backends.lifecycle import BackendState
 from backends.on_demand import OnDemandModel
+from backends.swap_costs import DecayedRate
 from backends.swap_policy import LruPolicy, return_cost
+from backends.swaps import AUTO, AUTO_WINDOW_MAX, BatchWindows, Window
 from tests.backends.timed import GIB, TimedServers, asleep_config, board_of, served, virtual
 
 S = BackendState
@@ -51,9 +54,10 @@ async def test_the_model_leaves_whose_return_costs_least_not_the_least_recently_
 
 
 async def one_slot(
-    policy: CostPolicy | LruPolicy, window: float = 30.0, **config: float
+    policy: CostPolicy | LruPolicy, window: Window = 30.0, **config: Any
 ) -> dict[str, OnDemandModel]:
-    """`a` and `b` on one GPU, never together; `b` was up once and is asleep, `a` serves."""
+    """`a` and `b` on one GPU, never together; `b` was up once and is asleep (stopped with
+    `unload: stop`), `a` serves."""
     servers = TimedServers()
     servers.add("a", 0.6)
     servers.add("b", 0.6)
@@ -61,7 +65,7 @@ async def one_slot(
     _, models = board_of(servers, {n: asleep_config(**fields) for n in "ab"}, policy, window)
     await served(models["b"])
     await served(models["a"])
-    assert models["b"].state is S.ASLEEP
+    assert models["b"].state is (S.STOPPED if config.get("unload") == "stop" else S.ASLEEP)
     return models
 
 
@@ -79,6 +83,66 @@ async def test_a_resident_in_use_serves_its_requests_for_the_batch_window_first(
     waits = await busy
     during = waits[int((asked - began) / 5.0) + 1 : int((asked + 29 - began) / 5.0)]
     assert during and all(w == 0.0 for w in during)  # a served them at once meanwhile
+
+
+def asked_alike(*models: OnDemandModel) -> None:
+    """Each model's recent demand: one request, just now."""
+    for model in models:
+        model.arrivals = DecayedRate()
+        model.arrivals.tick(clock.now())
+
+
+@virtual
+async def test_the_auto_window_is_the_swaps_time_stretched_by_the_residents_demand() -> None:
+    """`auto` (the default): as long as the swap takes (`a`'s sleep and `b`'s wake, 0.1 + 2.4
+    s) between models asked as often as each other; ten times that for a model asked ten
+    times as often as the newcomer; never more than ``AUTO_WINDOW_MAX``."""
+    models = await one_slot(CostPolicy(), window=AUTO)
+    a, b = models["a"], models["b"]
+    board = a.board
+    assert board is not None
+    asked_alike(a, b)
+    assert board.batch_window(b, [a]) == approx(2.5, rel=0.01)
+    for _ in range(9):
+        a.arrivals.tick(clock.now())
+    assert board.batch_window(b, [a]) == approx(25.0, rel=0.01)
+    for _ in range(1000):
+        a.arrivals.tick(clock.now())
+    assert board.batch_window(b, [a]) == AUTO_WINDOW_MAX
+
+
+@virtual
+async def test_the_auto_window_keeps_a_busy_model_in_session_longer_than_a_swap() -> None:
+    models = await one_slot(CostPolicy(), window=AUTO)
+    a, b = models["a"], models["b"]
+    began = clock.now()
+    busy = asyncio.create_task(stream(a, every=2.0, until=began + 60))
+    await asyncio.sleep(20)  # a steady stream: a request every 2 s, ten so far
+    waited = await served(b, key="newcomer's")
+    assert 3 * 2.5 < waited <= AUTO_WINDOW_MAX + 1.0 + 2.5  # held, then a's drain and the swap
+    waits = await busy
+    assert all(w == 0.0 for w in waits[:12])  # a served its session at once meanwhile
+
+
+@virtual
+async def test_the_auto_window_follows_what_the_swap_costs() -> None:
+    """Where the newcomer comes back by a cold start instead of a wake, a hold is worth more:
+    the swap is a stop and a start. A number set for a group of GPUs is used as it is (the
+    smallest where several apply); `auto` in a group is that group's own."""
+    sleepers = await one_slot(CostPolicy(), window=AUTO)
+    stoppers = await one_slot(CostPolicy(), window=AUTO, unload="stop")
+    a, b = stoppers["a"], stoppers["b"]
+    assert a.board is not None
+    asked_alike(a, b)
+    # `a` never stopped yet: a part nobody measured nor configured counts nothing
+    assert a.board.batch_window(b, [a]) == approx(60.0, rel=0.01)
+    a.board.windows = BatchWindows(AUTO, ((frozenset({0}), 90.0), (frozenset({0, 1}), AUTO)))
+    assert a.board.batch_window(b, [a]) == approx(60.0, rel=0.01)
+    a.board.windows = BatchWindows(AUTO, ((frozenset({0}), 20.0), (frozenset({0, 1}), 0.0)))
+    assert a.board.batch_window(b, [a]) == 0.0
+    c, d = sleepers["a"], sleepers["b"]
+    asked_alike(c, d)
+    assert c.board is not None and c.board.batch_window(d, [c]) == approx(2.5, rel=0.01)
 
 
 @virtual

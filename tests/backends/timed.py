@@ -20,7 +20,7 @@ from backends.on_demand import OnDemandModel
 from backends.on_demand_api import OnDemand
 from backends.pool import ReplicaPool
 from backends.swap_policy import SwapPolicy
-from backends.swaps import BatchWindows, Switchboard
+from backends.swaps import BatchWindows, Switchboard, Window
 from backends.virtual_servers import VirtualServers
 
 S = BackendState
@@ -59,7 +59,7 @@ def board_of(
     servers: TimedServers,
     configs: Mapping[str, OnDemand],
     policy: SwapPolicy | None = None,
-    window: float = 30.0,
+    window: Window = 30.0,
 ) -> tuple[Switchboard, dict[str, OnDemandModel]]:
     """The models (added to ``servers`` first), on a switchboard with the cost policy."""
     models = {

@@ -12,6 +12,7 @@ from backends.cost_policy import CostPolicy
 from backends.discovery import resolve
 from backends.placement import placement_problems
 from backends.swap_policy import LruPolicy
+from backends.swaps import BatchWindows
 from gateway.app import build_runtime
 from gateway.config_file import ConfigError, settings_from_dict
 from gateway.keys import key_ring
@@ -36,9 +37,21 @@ def test_the_cost_policy_is_the_default_with_its_window_and_groups() -> None:
     )
     policy, windows = swap_policy(settings)
     assert isinstance(policy, CostPolicy)
-    assert windows.for_gpus([1]) == 90 and windows.for_gpus([2]) == windows.default
+    assert windows.for_gpus([1]) == [90] and windows.for_gpus([2]) == ["auto"]
     board = switchboard(settings, NeverReady())
-    assert isinstance(board.policy, CostPolicy) and board.windows.for_gpus([0]) == 90
+    assert isinstance(board.policy, CostPolicy) and board.windows.for_gpus([0]) == [90]
+
+
+def test_a_batch_window_is_seconds_or_auto_and_anything_else_is_one_problem() -> None:
+    groups = [{"gpus": [0], "batch_window": "auto"}]
+    settings = settings_from_dict(
+        {"models": [od("a")], "swaps": {"batch_window": 0, "groups": groups}}, env={}
+    )
+    assert swap_policy(settings)[1] == BatchWindows(0.0, ((frozenset({0}), "auto"),))
+    for bad in ("soon", -1, True):
+        assert problems({"models": [od("a")], "swaps": {"batch_window": bad}}) == [
+            "swaps.batch_window: expected seconds (a number, 0 or more) or auto"
+        ]
 
 
 def test_lru_stays_selectable_and_refuses_what_only_the_cost_policy_reads() -> None:
