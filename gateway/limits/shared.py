@@ -30,13 +30,10 @@ a key beyond a full table is counted by each process alone, with a warning.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import math
-import mmap
 import os
-import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,69 +41,30 @@ from pathlib import Path
 
 from gateway.keys import ApiKey
 from gateway.limits.local import LocalLimits
+from gateway.limits.rows import (
+    BUCKET,
+    COUNT,
+    COUNTS_AT,
+    EMPTY,
+    HEADER,
+    HEADER_SIZE,
+    ID_SIZE,
+    MAGIC,
+    Table,
+    row_size_for,
+)
 from gateway.limits.store import LimitsStore, over_concurrency, over_rate, refilled
 
 log = logging.getLogger("vllm_gateway.limits")
 
 LIMITS_TABLE_ENV = "VLLM_GATEWAY_LIMITS_TABLE"
 ROWS = 65536  # limited keys a table holds (a keys file may hold tens of thousands)
-MAGIC = b"VGWLIMT1"
-_HEADER = struct.Struct("<8sIII")  # magic, rows, workers, row size
-_HEADER_SIZE = 64
-_ID = 16
-_EMPTY = bytes(_ID)
-_BUCKET = struct.Struct("<dd")  # tokens (inf: full, never used), when counted
-_COUNT = struct.Struct("<i")
-_COUNTS_AT = _ID + _BUCKET.size
-
-
-def _row_size(workers: int) -> int:
-    return (_COUNTS_AT + _COUNT.size * workers + 7) // 8 * 8
-
-
-class _Table:
-    """The mapped file, as each process sees it."""
-
-    def __init__(self, where: str, fd: int) -> None:
-        """``where``: ``fd:<n>`` for an inherited memory file, else the file's path."""
-        magic, rows, workers, row_size = _HEADER.unpack(os.pread(fd, _HEADER.size, 0))
-        if magic != MAGIC:
-            os.close(fd)
-            raise ValueError(f"{where} is not a limits table")
-        self.where, self.fd = where, fd
-        self.rows: int = rows
-        self.workers: int = workers
-        self.row_size: int = row_size
-        self.map = mmap.mmap(fd, _HEADER_SIZE + rows * row_size)
-        self.counts = struct.Struct(f"<{workers}i")
-
-    def offsets(self, ident: bytes) -> range:
-        """Where ``ident``'s row may be, in probing order (its home row first)."""
-        home = int.from_bytes(ident[:8], "little") % self.rows
-        return range(home, home + self.rows)
-
-    def at(self, row: int) -> int:
-        return _HEADER_SIZE + (row % self.rows) * self.row_size
-
-    def lock(self, offset: int) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_EX, self.row_size, offset)
-
-    def unlock(self, offset: int) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_UN, self.row_size, offset)
-
-    def in_flight(self, offset: int) -> int:
-        counts: tuple[int, ...] = self.counts.unpack_from(self.map, offset + _COUNTS_AT)
-        return sum(counts)
-
-    def close(self) -> None:
-        self.map.close()
-        os.close(self.fd)
 
 
 class SharedTable:
     """The control plane's handle on the table its workers share."""
 
-    def __init__(self, table: _Table, path: Path | None) -> None:
+    def __init__(self, table: Table, path: Path | None) -> None:
         self._table = table
         self.path = path  # None: a memory file, attached by its inherited descriptor
         self.workers = table.workers
@@ -127,14 +85,14 @@ class SharedTable:
     def forget_worker(self, worker: int) -> None:
         """Worker ``worker`` is gone: the slots it held are free (call before starting its
         successor, which writes the same column)."""
-        table, column = self._table, _COUNTS_AT + _COUNT.size * worker
+        table, column = self._table, COUNTS_AT + COUNT.size * worker
         for row in range(table.rows):
             offset = table.at(row)
-            if table.map[offset : offset + _ID] == _EMPTY:
+            if table.map[offset : offset + ID_SIZE] == EMPTY:
                 continue
             table.lock(offset)
             try:
-                _COUNT.pack_into(table.map, offset + column, 0)
+                COUNT.pack_into(table.map, offset + column, 0)
             finally:
                 table.unlock(offset)
 
@@ -158,10 +116,10 @@ def create_shared_table(
         fd, name = tempfile.mkstemp(prefix="vllm-gateway-limits-", dir=directory)
         path = Path(name)
         where = name
-    row_size = _row_size(workers)
-    os.ftruncate(fd, _HEADER_SIZE + rows * row_size)  # zeros: every row empty
-    os.pwrite(fd, _HEADER.pack(MAGIC, rows, workers, row_size), 0)
-    return SharedTable(_Table(where, fd), path)
+    row_size = row_size_for(workers)
+    os.ftruncate(fd, HEADER_SIZE + rows * row_size)  # zeros: every row empty
+    os.pwrite(fd, HEADER.pack(MAGIC, rows, workers, row_size), 0)
+    return SharedTable(Table(where, fd), path)
 
 
 def attach_shared_table(
@@ -175,7 +133,7 @@ def attach_shared_table(
         fd = os.dup(int(where[3:]))  # its own: closing it leaves the inherited one be
     else:
         fd = os.open(where, os.O_RDWR)
-    table = _Table(where, fd)
+    table = Table(where, fd)
     if not 0 <= worker < table.workers:
         table.close()
         raise ValueError(f"worker {worker}: the table at {where} has {table.workers} columns")
@@ -185,10 +143,10 @@ def attach_shared_table(
 class SharedLimits(LimitsStore):
     """One worker's view: exact across the workers of its host."""
 
-    def __init__(self, table: _Table, worker: int, clock: Callable[[], float]) -> None:
+    def __init__(self, table: Table, worker: int, clock: Callable[[], float]) -> None:
         self._table = table
         self._clock = clock
-        self._mine = _COUNTS_AT + _COUNT.size * worker  # this worker's count, in a row
+        self._mine = COUNTS_AT + COUNT.size * worker  # this worker's count, in a row
         self._rows: dict[str, int] = {}  # key name -> its row's offset; -1: beyond the table
         self._beyond = LocalLimits()
 
@@ -203,17 +161,17 @@ class SharedLimits(LimitsStore):
             if limit is not None and table.in_flight(offset) >= limit:
                 raise over_concurrency(key)
             if (rpm := key.requests_per_minute) is not None:
-                tokens, counted = _BUCKET.unpack_from(table.map, offset + _ID)
+                tokens, counted = BUCKET.unpack_from(table.map, offset + ID_SIZE)
                 now = self._clock()
                 tokens = refilled(tokens, now - counted, rpm)
                 if tokens < 1.0:
-                    _BUCKET.pack_into(table.map, offset + _ID, tokens, now)
+                    BUCKET.pack_into(table.map, offset + ID_SIZE, tokens, now)
                     raise over_rate(key, tokens)
-                _BUCKET.pack_into(table.map, offset + _ID, tokens - 1.0, now)
+                BUCKET.pack_into(table.map, offset + ID_SIZE, tokens - 1.0, now)
             if limit is None:
                 return False
             mine = offset + self._mine
-            _COUNT.pack_into(table.map, mine, _COUNT.unpack_from(table.map, mine)[0] + 1)
+            COUNT.pack_into(table.map, mine, COUNT.unpack_from(table.map, mine)[0] + 1)
             return True
         finally:
             table.unlock(offset)
@@ -228,9 +186,9 @@ class SharedLimits(LimitsStore):
         table, mine = self._table, offset + self._mine
         table.lock(offset)
         try:
-            held = _COUNT.unpack_from(table.map, mine)[0]
+            held = COUNT.unpack_from(table.map, mine)[0]
             if held > 0:
-                _COUNT.pack_into(table.map, mine, held - 1)
+                COUNT.pack_into(table.map, mine, held - 1)
         finally:
             table.unlock(offset)
 
@@ -247,16 +205,16 @@ class SharedLimits(LimitsStore):
     def _find(self, key: ApiKey) -> int:
         """The key's row: the one with its id, or the first empty one, claimed."""
         table = self._table
-        ident = hashlib.sha256(key.name.encode()).digest()[:_ID]
+        ident = hashlib.sha256(key.name.encode()).digest()[:ID_SIZE]
         for row in table.offsets(ident):
             offset = table.at(row)
             table.lock(offset)
             try:
-                found = table.map[offset : offset + _ID]
-                if found == _EMPTY:
-                    table.map[offset : offset + _ID] = ident
-                    _BUCKET.pack_into(table.map, offset + _ID, math.inf, self._clock())
-                if found in (_EMPTY, ident):
+                found = table.map[offset : offset + ID_SIZE]
+                if found == EMPTY:
+                    table.map[offset : offset + ID_SIZE] = ident
+                    BUCKET.pack_into(table.map, offset + ID_SIZE, math.inf, self._clock())
+                if found in (EMPTY, ident):
                     self._rows[key.name] = offset
                     return offset
             finally:
