@@ -2,8 +2,9 @@
 memory, each key's row locked while it is read and written.
 
 The lock is ``fcntl.lockf`` on the row's bytes: two system calls per admit (load/limits.py
-measures them), per row, so keys do not wait for each other; the kernel drops a dead
-process's locks, so a worker killed mid-admit blocks nobody. POSIX record locks belong to a
+measures them), per row, so keys do not wait for each other (a key the table has no row for
+yet takes the table's lock too, once, to claim one); the kernel drops a dead process's
+locks, so a worker killed mid-admit blocks nobody. POSIX record locks belong to a
 process, not a thread: one store per worker process, used from its event loop.
 
 The control plane (``workers: N``) and its workers meet here (``gateway.workers.limits``):
@@ -21,22 +22,22 @@ standalone gateways, as load/limits.py runs them) attaches by its environment:
 ``gateway.limits.build.limits_store`` reads VLLM_GATEWAY_LIMITS_TABLE (``<worker
 index>:fd:<descriptor>`` or ``<worker index>:<path>``, ``SharedTable.env``).
 
-A row: the key's id (the first 16 bytes of its name's SHA-256), its tokens and when they were
-counted (CLOCK_MONOTONIC, one clock for the whole host), then one in-flight count per worker.
+A row: a key's id, its bucket, then one in-flight count per worker (``gateway.limits.rows``).
 Each worker writes only its own count, so the slots of a worker that died are its column,
-which ``forget_worker`` zeroes. Rows are found by open addressing from the id and never move;
-a key beyond a full table is counted by each process alone, with a warning.
+which ``forget_worker`` zeroes. A row is freed once it is stale (no slot held, its bucket full
+again for any rate), which loses nothing, and goes to the next key that needs one. The claims
+pay for that: each sweeps a few rows on from where the last sweep stopped, and one that finds
+the table full sweeps all of it and tries again. Rows are needed only when keys are claimed,
+so nothing sweeps on a timer (a whole sweep would stall the control plane's loop). A key
+beyond a table still full is counted by each worker alone, with a warning, and tries again
+later.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
 import math
-import mmap
 import os
-import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,69 +45,34 @@ from pathlib import Path
 
 from gateway.keys import ApiKey
 from gateway.limits.local import LocalLimits
+from gateway.limits.rows import (
+    BUCKET,
+    COUNT,
+    COUNTS_AT,
+    EMPTY,
+    HEADER,
+    HEADER_SIZE,
+    ID_SIZE,
+    MAGIC,
+    TOMBSTONE,
+    Table,
+    ident_of,
+    row_size_for,
+)
 from gateway.limits.store import LimitsStore, over_concurrency, over_rate, refilled
 
 log = logging.getLogger("vllm_gateway.limits")
 
 LIMITS_TABLE_ENV = "VLLM_GATEWAY_LIMITS_TABLE"
 ROWS = 65536  # limited keys a table holds (a keys file may hold tens of thousands)
-MAGIC = b"VGWLIMT1"
-_HEADER = struct.Struct("<8sIII")  # magic, rows, workers, row size
-_HEADER_SIZE = 64
-_ID = 16
-_EMPTY = bytes(_ID)
-_BUCKET = struct.Struct("<dd")  # tokens (inf: full, never used), when counted
-_COUNT = struct.Struct("<i")
-_COUNTS_AT = _ID + _BUCKET.size
-
-
-def _row_size(workers: int) -> int:
-    return (_COUNTS_AT + _COUNT.size * workers + 7) // 8 * 8
-
-
-class _Table:
-    """The mapped file, as each process sees it."""
-
-    def __init__(self, where: str, fd: int) -> None:
-        """``where``: ``fd:<n>`` for an inherited memory file, else the file's path."""
-        magic, rows, workers, row_size = _HEADER.unpack(os.pread(fd, _HEADER.size, 0))
-        if magic != MAGIC:
-            os.close(fd)
-            raise ValueError(f"{where} is not a limits table")
-        self.where, self.fd = where, fd
-        self.rows: int = rows
-        self.workers: int = workers
-        self.row_size: int = row_size
-        self.map = mmap.mmap(fd, _HEADER_SIZE + rows * row_size)
-        self.counts = struct.Struct(f"<{workers}i")
-
-    def offsets(self, ident: bytes) -> range:
-        """Where ``ident``'s row may be, in probing order (its home row first)."""
-        home = int.from_bytes(ident[:8], "little") % self.rows
-        return range(home, home + self.rows)
-
-    def at(self, row: int) -> int:
-        return _HEADER_SIZE + (row % self.rows) * self.row_size
-
-    def lock(self, offset: int) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_EX, self.row_size, offset)
-
-    def unlock(self, offset: int) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_UN, self.row_size, offset)
-
-    def in_flight(self, offset: int) -> int:
-        counts: tuple[int, ...] = self.counts.unpack_from(self.map, offset + _COUNTS_AT)
-        return sum(counts)
-
-    def close(self) -> None:
-        self.map.close()
-        os.close(self.fd)
+SWEEP_ROWS = 64  # rows each claim sweeps, on from where the last sweep stopped
+RETRY_FULL = 10.0  # seconds a worker that found the table full waits to sweep all of it again
 
 
 class SharedTable:
     """The control plane's handle on the table its workers share."""
 
-    def __init__(self, table: _Table, path: Path | None) -> None:
+    def __init__(self, table: Table, path: Path | None) -> None:
         self._table = table
         self.path = path  # None: a memory file, attached by its inherited descriptor
         self.workers = table.workers
@@ -127,14 +93,14 @@ class SharedTable:
     def forget_worker(self, worker: int) -> None:
         """Worker ``worker`` is gone: the slots it held are free (call before starting its
         successor, which writes the same column)."""
-        table, column = self._table, _COUNTS_AT + _COUNT.size * worker
+        table, column = self._table, COUNTS_AT + COUNT.size * worker
         for row in range(table.rows):
             offset = table.at(row)
-            if table.map[offset : offset + _ID] == _EMPTY:
+            if table.map[offset : offset + ID_SIZE] in (EMPTY, TOMBSTONE):
                 continue
             table.lock(offset)
             try:
-                _COUNT.pack_into(table.map, offset + column, 0)
+                COUNT.pack_into(table.map, offset + column, 0)
             finally:
                 table.unlock(offset)
 
@@ -158,10 +124,10 @@ def create_shared_table(
         fd, name = tempfile.mkstemp(prefix="vllm-gateway-limits-", dir=directory)
         path = Path(name)
         where = name
-    row_size = _row_size(workers)
-    os.ftruncate(fd, _HEADER_SIZE + rows * row_size)  # zeros: every row empty
-    os.pwrite(fd, _HEADER.pack(MAGIC, rows, workers, row_size), 0)
-    return SharedTable(_Table(where, fd), path)
+    row_size = row_size_for(workers)
+    os.ftruncate(fd, HEADER_SIZE + rows * row_size)  # zeros: every row empty
+    os.pwrite(fd, HEADER.pack(MAGIC, rows, workers, row_size), 0)
+    return SharedTable(Table(where, fd), path)
 
 
 def attach_shared_table(
@@ -175,7 +141,7 @@ def attach_shared_table(
         fd = os.dup(int(where[3:]))  # its own: closing it leaves the inherited one be
     else:
         fd = os.open(where, os.O_RDWR)
-    table = _Table(where, fd)
+    table = Table(where, fd)
     if not 0 <= worker < table.workers:
         table.close()
         raise ValueError(f"worker {worker}: the table at {where} has {table.workers} columns")
@@ -185,89 +151,129 @@ def attach_shared_table(
 class SharedLimits(LimitsStore):
     """One worker's view: exact across the workers of its host."""
 
-    def __init__(self, table: _Table, worker: int, clock: Callable[[], float]) -> None:
+    def __init__(self, table: Table, worker: int, clock: Callable[[], float]) -> None:
         self._table = table
         self._clock = clock
-        self._mine = _COUNTS_AT + _COUNT.size * worker  # this worker's count, in a row
-        self._rows: dict[str, int] = {}  # key name -> its row's offset; -1: beyond the table
-        self._beyond = LocalLimits()
+        self._mine = COUNTS_AT + COUNT.size * worker  # this worker's count, in a row
+        self._rows: dict[str, tuple[int, bytes]] = {}  # key name -> (its row's offset, its id)
+        self._beyond = LocalLimits()  # keys the table had no row for (offset -1)
+        self._full_until = -math.inf  # found full: no whole sweep, no retry before this
 
     def admit(self, key: ApiKey) -> bool:
-        offset = self._rows.get(key.name) or self._find(key)
-        if offset < 0:
-            return self._beyond.admit(key)
+        while True:
+            offset, ident = self._row(key)
+            if offset < 0:
+                return self._beyond.admit(key)
+            admitted = self._admit_at(offset, ident, key)
+            if admitted is not None:
+                return admitted
+            del self._rows[key.name]  # its row was freed since: find it again
+
+    def _admit_at(self, offset: int, ident: bytes, key: ApiKey) -> bool | None:
+        """None: the row is no longer the key's."""
         table = self._table
         table.lock(offset)
         try:
+            if table.map[offset : offset + ID_SIZE] != ident:
+                return None
             limit = key.max_concurrent
             if limit is not None and table.in_flight(offset) >= limit:
                 raise over_concurrency(key)
+            now = self._clock()
             if (rpm := key.requests_per_minute) is not None:
-                tokens, counted = _BUCKET.unpack_from(table.map, offset + _ID)
-                now = self._clock()
+                tokens, counted = BUCKET.unpack_from(table.map, offset + ID_SIZE)
                 tokens = refilled(tokens, now - counted, rpm)
                 if tokens < 1.0:
-                    _BUCKET.pack_into(table.map, offset + _ID, tokens, now)
+                    BUCKET.pack_into(table.map, offset + ID_SIZE, tokens, now)
                     raise over_rate(key, tokens)
-                _BUCKET.pack_into(table.map, offset + _ID, tokens - 1.0, now)
+                BUCKET.pack_into(table.map, offset + ID_SIZE, tokens - 1.0, now)
+            else:
+                BUCKET.pack_into(table.map, offset + ID_SIZE, math.inf, now)  # touched
             if limit is None:
                 return False
             mine = offset + self._mine
-            _COUNT.pack_into(table.map, mine, _COUNT.unpack_from(table.map, mine)[0] + 1)
+            COUNT.pack_into(table.map, mine, COUNT.unpack_from(table.map, mine)[0] + 1)
             return True
         finally:
             table.unlock(offset)
 
     def release(self, key: ApiKey) -> None:
-        offset = self._rows.get(key.name)
-        if offset is None:
+        row = self._rows.get(key.name)
+        if row is None:
             return
+        offset, ident = row
         if offset < 0:
             self._beyond.release(key)
             return
         table, mine = self._table, offset + self._mine
         table.lock(offset)
         try:
-            held = _COUNT.unpack_from(table.map, mine)[0]
+            ours = table.map[offset : offset + ID_SIZE] == ident
+            held = COUNT.unpack_from(table.map, mine)[0] if ours else 0
             if held > 0:
-                _COUNT.pack_into(table.map, mine, held - 1)
+                COUNT.pack_into(table.map, mine, held - 1)
         finally:
             table.unlock(offset)
+        if not ours:  # freed: this worker held no slot in it (a slot keeps a row)
+            del self._rows[key.name]
 
     def in_flight(self, key: ApiKey) -> int:
         """The key's requests in flight across every worker."""
-        offset = self._rows.get(key.name) or self._find(key)
-        if offset < 0:
-            return self._beyond.in_flight(key)
-        return self._table.in_flight(offset)
+        table = self._table
+        while True:
+            offset, ident = self._row(key)
+            if offset < 0:
+                return self._beyond.in_flight(key)
+            table.lock(offset)
+            try:
+                ours = table.map[offset : offset + ID_SIZE] == ident
+                count = table.in_flight(offset)
+            finally:
+                table.unlock(offset)
+            if ours:
+                return count
+            del self._rows[key.name]
 
     async def close(self) -> None:
         self._table.close()
 
-    def _find(self, key: ApiKey) -> int:
-        """The key's row: the one with its id, or the first empty one, claimed."""
-        table = self._table
-        ident = hashlib.sha256(key.name.encode()).digest()[:_ID]
-        for row in table.offsets(ident):
-            offset = table.at(row)
-            table.lock(offset)
-            try:
-                found = table.map[offset : offset + _ID]
-                if found == _EMPTY:
-                    table.map[offset : offset + _ID] = ident
-                    _BUCKET.pack_into(table.map, offset + _ID, math.inf, self._clock())
-                if found in (_EMPTY, ident):
-                    self._rows[key.name] = offset
-                    return offset
-            finally:
-                table.unlock(offset)
+    def _row(self, key: ApiKey) -> tuple[int, bytes]:
+        """The key's row, as this worker last found it; a key beyond the table tries again
+        once the table may have room and this worker holds none of its slots."""
+        row = self._rows.get(key.name)
+        if row is not None and (row[0] >= 0 or not self._may_retry(key)):
+            return row
+        ident = ident_of(key.name)
+        found, _ = self._table.walk(ident)  # a glance: most keys are found without the lock
+        offset = found if found is not None else self._claim(ident, key)
+        self._rows[key.name] = row = (offset, ident)
+        return row
+
+    def _may_retry(self, key: ApiKey) -> bool:
+        return self._clock() >= self._full_until and self._beyond.in_flight(key) == 0
+
+    def _claim(self, ident: bytes, key: ApiKey) -> int:
+        """Under the table's lock: the key's row, claimed if no worker did; -1: full."""
+        table, now = self._table, self._clock()
+        table.lock_ids()
+        try:
+            table.sweep_on(SWEEP_ROWS, now)
+            offset = table.claim(ident, now)
+            if offset is None and now >= self._full_until:
+                table.sweep(0, table.rows, now)
+                offset = table.claim(ident, now)
+                if offset is None:
+                    self._full_until = now + RETRY_FULL
+        finally:
+            table.unlock_ids()
+        if offset is not None:
+            return offset
         log.warning(
             "limits table %s is full (%d keys): key %r is counted by each worker alone",
             table.where,
             table.rows,
             key.name,
         )
-        self._rows[key.name] = -1
         return -1
 
 
