@@ -39,8 +39,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from backends import clock, lifecycle
@@ -286,6 +287,28 @@ class OnDemandModel:
         """A request it served ended: ``seconds`` upstream, ``tokens`` generated."""
         ended = clock.now()
         self.costs.service.served(ended - seconds, ended, tokens)
+
+    def noted(
+        self,
+        arrivals: Iterable[tuple[float, str | None, int]],
+        served: Iterable[tuple[float, float, int]],
+    ) -> None:
+        """Requests another process relayed while the model served (a worker of the gateway,
+        which tells them in batches), counted as this process counts its own: each arrival
+        ``(at, key, priority)`` as one that ``ready()`` found serving, each end ``(ended,
+        seconds, tokens)`` as ``served()``. Times are on this clock, and may be older than
+        ones counted already (another worker's batch came first)."""
+        now, rate = clock.now(), self.arrivals
+        for at, key, priority in arrivals:
+            at = min(at, now)
+            counted = max(at, rate.at)  # the rate's count is kept as of its last tick
+            rate.tick(counted, math.exp((at - counted) / rate.tau))  # decayed to that time
+            self.asked_with[priority] = max(at, self.asked_with.get(priority, at))
+            self.asked_by[key] = max(at, self.asked_by.get(key, at))
+            if at > self._touched:
+                self._touched, self.last_request = at, time.time() - (now - at)
+        for ended, seconds, tokens in sorted(served):
+            self.costs.service.served(ended - seconds, ended, tokens)
 
     def want(self) -> None:
         """A request for the model went elsewhere rather than wait (a fallback): start or wake

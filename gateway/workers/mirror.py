@@ -16,6 +16,8 @@ leases hold.
 
 An on-demand model's stand-in (``RemoteStart``) asks the control plane for a start or a wake
 and waits for its answer; the control plane sends the model's new state before that answer.
+The requests that find it serving, and every request it served, are counted here and told in
+batches (``gateway.workers.demand``), so the swap scheduler weighs them as one process does.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from backends.prefix_index import PrefixPolicy, PrefixRouter
 from gateway.routing import RouteTable
 from gateway.workers.channel import ChannelClosed, Message
 from gateway.workers.counters import InFlightTable
+from gateway.workers.demand import Demand
 from gateway.workers.refusals import refused
 from gateway.workers.snapshot import Document
 from gateway.workers.turns import RemoteQueue, Turns
@@ -90,12 +93,22 @@ class MirrorReplica(Replica):
 
 class RemoteStart:
     """An on-demand model in a worker: its state is the mirror's; a start or a wake is asked
-    of the control plane, whose on-demand policy decides, queues and swaps."""
+    of the control plane, whose on-demand policy decides, queues and swaps. What the policy
+    learns from requests goes there too: a request that asks for a start is counted by the
+    control plane's ``ready()``; one that finds the model serving, and each one served, is
+    counted in ``demand``, which tells them in batches."""
 
-    def __init__(self, name: str, life: ModelLife, ask: Callable[[Message], Awaitable[Message]]):
+    def __init__(
+        self,
+        name: str,
+        life: ModelLife,
+        ask: Callable[[Message], Awaitable[Message]],
+        demand: Demand,
+    ):
         self.name = name
         self.life = life
         self._ask = ask
+        self._demand = demand
 
     @property
     def state(self) -> BackendState:
@@ -109,6 +122,7 @@ class RemoteStart:
         self, deadline: float | None = None, *, key: str | None = None, priority: int = 0
     ) -> float:
         if self.serving:
+            self._demand.arrived(self.name, key, priority)
             return 0.0
         # The deadline travels as the seconds left: each process has its own clock.
         left = None if deadline is None else deadline - clock.now()
@@ -128,8 +142,7 @@ class RemoteStart:
         """Not forwarded yet: the control plane starts the model when a request waits on it."""
 
     def served(self, seconds: float, tokens: int) -> None:
-        """Not forwarded yet: the swap scheduler learns service rates in the control plane's
-        own process only (a worker's requests do not feed ``backends.swap_costs``)."""
+        self._demand.served(self.name, seconds, tokens)
 
 
 class RemoteFailure(Exception):
@@ -152,6 +165,7 @@ class Mirror:
         self._tell = tell
         self._ask = ask
         self.turns = Turns(tell, ask)  # in the control plane's queues
+        self.demand = Demand(tell)  # requests to on-demand models, for the control plane
         self.routes = RouteTable([])
         self.pools: list[ReplicaPool] = []  # routed now, in order (metrics read this list)
         self._pools: dict[str, ReplicaPool] = {}
@@ -209,7 +223,7 @@ class Mirror:
         if not model["on_demand"]:
             pool.on_demand = None
         elif not isinstance(pool.on_demand, RemoteStart):
-            pool.on_demand = RemoteStart(pool.name, life, self._ask)
+            pool.on_demand = RemoteStart(pool.name, life, self._ask, self.demand)
         pool.priority_field = model["priority_field"]
         queue = model["queue"]
         if queue is None:

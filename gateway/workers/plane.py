@@ -16,6 +16,9 @@ is what it does for them, over one channel each (``gateway.workers.channel``):
 - **turns**: a worker's ``turn`` request waits in the model's queue here, the one queue of
   the whole gateway (``gateway.workers.turn_book``); the slot it gets is held until the
   worker says ``done``, or its channel closes;
+- **demand**: a worker tells, in batches, the requests that found an on-demand model serving
+  and the requests each served (``gateway.workers.demand``); they are counted as this
+  process's own, for the swap scheduler and the service rates of `/admin/models`;
 - **in flight**: a worker tells when its count on a replica goes from zero to some or back
   (``busy``, ``idle``); the replica's count here becomes the shared table's sum (its one
   writer in this process), and its ``went_idle`` fires at zero, as a lease's release would;
@@ -50,6 +53,7 @@ from gateway.limits.shared import SharedTable
 from gateway.runtime import Runtime
 from gateway.workers.channel import LINE_LIMIT, Channel, ChannelClosed, Message, log_failure
 from gateway.workers.counters import InFlightTable, SlotBook
+from gateway.workers.demand import note
 from gateway.workers.refusals import refusal
 from gateway.workers.shares import Share, Totals
 from gateway.workers.snapshot import table_document
@@ -211,6 +215,11 @@ class Plane:
             self._count(message["slot"])
         elif kind == "done":
             self.turns.done(link, message["n"])
+        elif kind == "demand":
+            for pool in self.runtime.pools:
+                told, model = message["models"].get(pool.name), policy_of(pool)
+                if told is not None and model is not None:  # else gone since (a reload)
+                    note(model, told)
         elif kind == "applied":
             link.acked = message["g"]
             self._acked.fire()

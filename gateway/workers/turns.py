@@ -17,7 +17,9 @@ asks the control plane for a turn over the channel:
 A request that leaves while it waits cancels its ask (its place in the queue goes) and says
 ``done`` (a turn handed to it meanwhile goes back); the control plane gives back every slot
 of a worker whose channel closed. A model with no `max_in_flight` lets every request go while
-it serves, as its queue would: only while it does not serve is a turn asked for.
+it serves, as its queue would: only while it does not serve is a turn asked for. A request
+for an on-demand model that serves awaits its ``bring_up`` first, as one process's queue
+does, which returns at once and counts the request's arrival (``gateway.workers.demand``).
 """
 
 from __future__ import annotations
@@ -136,6 +138,10 @@ class RemoteQueue(ModelQueue):
         weight: float = 1.0,
         bring_up: BringUp | None = None,
     ) -> Slot:
+        if bring_up is not None and self.serving:
+            # At once (it serves): the request's arrival is counted, as one process's queue
+            # counts it by awaiting its bring_up once (``RemoteStart.ready``).
+            await bring_up()
         if not self.capped and self.serving:  # no cap: a model that serves holds none back
             return RemoteSlot(None)
         return await self.turns.take(self.name, priority, key, weight, bring_up)

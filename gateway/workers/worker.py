@@ -119,6 +119,7 @@ class Worker:
         try:
             yield
         finally:
+            self.mirror.demand.flush()  # what its last requests counted, while the line is up
             tasks = [t for t in (self._run, self._keys_watch) if t is not None]
             for task in tasks:
                 task.cancel()

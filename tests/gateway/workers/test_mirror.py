@@ -16,6 +16,7 @@ from backends.pool import Replica, ReplicaPool
 from backends.prefix_index import PrefixPolicy, PrefixRouter
 from gateway.workers.channel import ChannelClosed, Message
 from gateway.workers.counters import InFlightTable
+from gateway.workers.demand import Demand
 from gateway.workers.mirror import Mirror, MirrorReplica, RemoteStart
 from gateway.workers.snapshot import table_document
 from tests.servers import gateway_settings
@@ -36,6 +37,13 @@ class ControlPlane:
             [{"name": n, "url": "http://x", "aliases": [f"{n}-alias"]} for n in names]
         )
         self.models = {m.name: m for m in settings.models}
+
+    def on_demand(self, name: str) -> None:
+        """``name`` is started on demand, and stopped now (its policy is not a worker's)."""
+        life = self.lives[name]
+        life.state = S.STOPPED
+        pool = next(p for p in self.pools if p.name == name)
+        pool.on_demand = RemoteStart(name, life, Told().ask, Demand(lambda _: None))  # any
 
     def slot(self, replica: Replica) -> int:
         return self.slots.setdefault(id(replica), len(self.slots))
@@ -130,8 +138,7 @@ def test_balancing_weighs_every_workers_requests_and_only_zero_crossings_are_tol
 
 async def test_an_on_demand_model_is_started_by_asking_the_control_plane() -> None:
     plane, told = ControlPlane("a", replicas=1), Told()
-    plane.lives["a"].state = S.STOPPED
-    plane.pools[0].on_demand = RemoteStart("a", plane.lives["a"], told.ask)  # any stand-in
+    plane.on_demand("a")
     mirror = mirror_of(told)
     mirror.apply(plane.document(), 1)
     start = mirror.pools[0].on_demand
@@ -140,10 +147,33 @@ async def test_an_on_demand_model_is_started_by_asking_the_control_plane() -> No
     assert told.asked == [{"t": "ready", "model": "a", "left": None, "key": None, "priority": 0}]
 
 
+async def test_a_request_that_asked_for_its_start_is_counted_there_and_one_that_did_not_here() -> (
+    None
+):
+    """The control plane's ``ready()`` counted the first's arrival: a worker tells only its
+    end; the second found the model serving: its arrival is told too."""
+    plane, told = ControlPlane("a", replicas=1), Told()
+    plane.on_demand("a")
+    mirror = mirror_of(told)
+    mirror.apply(plane.document(), 1)
+    start = mirror.pools[0].on_demand
+    assert start is not None
+    assert await start.ready(key="k") == 1.5
+    start.served(2.0, 7)
+    mirror.demand.flush()
+    plane.lives["a"].state = S.READY
+    mirror.apply(plane.document(), 2)
+    assert await start.ready(key="k") == 0.0
+    mirror.demand.flush()
+    assert [m["t"] for m in told.asked] == ["ready"]
+    demand = [m["models"]["a"] for m in told.notices if m["t"] == "demand"]
+    assert [d["arrived"] for d in demand] == [[], [[0.0, "k", 0]]]
+    assert [len(d["served"]) for d in demand] == [1, 0]
+
+
 async def test_a_refused_start_and_a_gone_control_plane_are_the_backends_own_errors() -> None:
     plane, told = ControlPlane("a", replicas=1), Told()
-    plane.lives["a"].state = S.STOPPED
-    plane.pools[0].on_demand = RemoteStart("a", plane.lives["a"], told.ask)
+    plane.on_demand("a")
     mirror = mirror_of(told)
     mirror.apply(plane.document(), 1)
     start = mirror.pools[0].on_demand

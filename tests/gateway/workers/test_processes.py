@@ -106,6 +106,41 @@ def test_an_on_demand_model_starts_once_for_requests_waiting_on_both_workers(
     assert metric(gateway, r'vllm_gateway_model_loads_total\{model="od"\}') == 1
 
 
+def test_requests_through_both_workers_feed_the_on_demand_models_rates_in_the_control_plane(
+    gateway: GatewayProcess,
+) -> None:
+    """The first request waited for the start (counted by the control plane's own ``ready``);
+    the others found the model serving and were counted by their workers, told in batches:
+    /admin/models shows their last arrival and a service rate, as one process would."""
+    clients = one_on_each(gateway, worker_pids(gateway))
+    body = {**CHAT, "model": "od"}
+    first, *_ = clients.values()
+    assert first.call("POST", "/v1/chat/completions", body, KEY)[0] == 200  # its start
+    started = od(gateway)
+    asked_at = started["last_request"]
+    for client in clients.values():
+        for _ in range(5):
+            assert client.call("POST", "/v1/chat/completions", body, KEY)[0] == 200
+    wait_until(
+        lambda: (
+            od(gateway)["last_request"] > asked_at
+            and od(gateway)["costs"]["requests_per_s"] is not None
+        ),
+        10,
+        "the workers' requests in the control plane's books",
+    )
+    costs = od(gateway)["costs"]
+    assert costs["tokens_per_s"] is not None and costs["request_s"] is not None
+    assert od(gateway)["loads"] == started["loads"] == 1
+
+
+def od(gateway: GatewayProcess) -> dict[str, Any]:
+    """The on-demand model, as /admin/models shows it (the control plane's)."""
+    models = httpx.get(f"{gateway.url}/admin/models", headers={"Authorization": f"Bearer {KEY}"})
+    found: dict[str, Any] = next(m for m in models.json()["data"] if m["name"] == "od")
+    return found
+
+
 def test_a_killed_worker_is_restarted_and_only_its_own_requests_fail(
     gateway: GatewayProcess, backend: FakeBackend
 ) -> None:

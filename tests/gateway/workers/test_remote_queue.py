@@ -12,7 +12,7 @@ from backends.lifecycle import BackendState
 from backends.queues import QueueLimits
 from gateway.errors import MaxWaitExceeded
 from gateway.workers.channel import Message
-from gateway.workers.mirror import Mirror, RemoteStart
+from gateway.workers.mirror import Mirror
 from gateway.workers.refusals import refusal, refused
 from gateway.workers.turns import RemoteQueue
 from tests.gateway.workers.test_mirror import ControlPlane
@@ -34,14 +34,17 @@ class Plane:
         return await self.answers.get()
 
 
-def queue_of(plane: Plane, capped: bool, on_demand: bool = False) -> RemoteQueue:
+def queue_of(
+    plane: Plane, capped: bool, on_demand: bool = False, serving: bool = False
+) -> RemoteQueue:
     control = ControlPlane("a", replicas=1)
     pool, life = control.pools[0], control.lives["a"]
     life.queue.configure(QueueLimits(max_in_flight=2 if capped else None))
     pool.queue = life.queue
     if on_demand:
-        life.state = BackendState.STOPPED
-        pool.on_demand = RemoteStart("a", life, plane.ask)  # any stand-in
+        control.on_demand("a")
+        if serving:
+            life.state = BackendState.READY
     mirror = Mirror(None, 0, plane.tell, plane.ask)
     mirror.apply(control.document(), 1)
     queue = mirror.pools[0].queue
@@ -77,6 +80,25 @@ async def test_without_a_cap_a_model_that_serves_asks_nothing_and_one_that_does_
 
     await cold.admit(bring_up=start)
     assert plane.asked[0]["t"] == "turn" and plane.asked[0]["up"] is True
+
+
+@pytest.mark.parametrize("capped", [False, True])
+async def test_a_request_for_an_on_demand_model_that_serves_awaits_its_bring_up_first(
+    capped: bool,
+) -> None:
+    """As one process's queue does: it returns at once, and counts the request's arrival
+    (``RemoteStart.ready``); then a turn is asked for only where the queue caps requests."""
+    plane = Plane()
+    queue = queue_of(plane, capped=capped, on_demand=True, serving=True)
+    brought: list[bool] = []
+
+    async def start() -> None:
+        brought.append(True)
+
+    plane.answers.put_nowait({})
+    (await queue.admit(bring_up=start)).release()
+    assert brought == [True]
+    assert [m["up"] for m in plane.asked] == ([True] if capped else [])
 
 
 async def test_a_request_that_leaves_while_it_waits_says_its_turn_is_done() -> None:
