@@ -204,6 +204,18 @@ def test_a_row_with_a_slot_held_or_a_recent_count_is_kept(two_rows: SharedTable)
         second.admit(rated)
 
 
+def row_changes_hands(
+    clock: Clock, mine: SharedLimits, theirs: SharedLimits, own: ApiKey, other: ApiKey
+) -> None:
+    """``mine`` used ``own`` once, a minute ago; ``own``'s row, stale, goes to ``other``,
+    which both workers then hold a slot of (``mine`` still caches the row as ``own``'s)."""
+    mine.admit(own)
+    mine.release(own)
+    clock.now = STALE_AFTER + 1
+    theirs.admit(other)
+    mine.admit(other)
+
+
 def test_a_worker_whose_row_went_to_another_key_finds_its_own_again(
     two_rows: SharedTable,
 ) -> None:
@@ -212,11 +224,7 @@ def test_a_worker_whose_row_went_to_another_key_finds_its_own_again(
     filler, own = key("filler", concurrent=1), key("own", concurrent=1)
     other = key("other", concurrent=2)
     theirs.admit(filler)
-    mine.admit(own)
-    mine.release(own)
-    clock.now = STALE_AFTER + 1
-    theirs.admit(other)  # the table is full: own's row, stale, is the one freed for it
-    mine.admit(other)
+    row_changes_hands(clock, mine, theirs, own, other)  # the table is full: own's is freed
     theirs.release(filler)
     clock.now = 2 * (STALE_AFTER + 1)
     assert mine.admit(own)  # its cached row is other's: found again, in filler's freed row
@@ -230,11 +238,7 @@ def test_a_release_on_a_row_that_went_to_another_key_leaves_that_key_be(
     clock = Clock()
     mine, theirs = attach_at(one_row, 0, clock), attach_at(one_row, 1, clock)
     own, other = key("own", concurrent=1), key("other", concurrent=2)
-    mine.admit(own)
-    mine.release(own)
-    clock.now = STALE_AFTER + 1
-    theirs.admit(other)  # own's row, freed
-    mine.admit(other)
+    row_changes_hands(clock, mine, theirs, own, other)
     mine.release(own)  # one release too many, on a cached row that is other's now
     assert theirs.in_flight(other) == 2
 

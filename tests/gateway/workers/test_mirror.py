@@ -136,13 +136,20 @@ def test_balancing_weighs_every_workers_requests_and_only_zero_crossings_are_tol
     assert pool.replicas[0].in_flight == 0 and busy.own == 0
 
 
-async def test_an_on_demand_model_is_started_by_asking_the_control_plane() -> None:
-    plane, told = ControlPlane("a", replicas=1), Told()
+def on_demand_mirror(plane: ControlPlane, told: Told) -> tuple[Mirror, RemoteStart]:
+    """A worker's mirror of ``plane`` with its model `a` on demand, and `a`'s stand-in."""
     plane.on_demand("a")
     mirror = mirror_of(told)
     mirror.apply(plane.document(), 1)
     start = mirror.pools[0].on_demand
-    assert isinstance(start, RemoteStart) and not start.serving
+    assert isinstance(start, RemoteStart)
+    return mirror, start
+
+
+async def test_an_on_demand_model_is_started_by_asking_the_control_plane() -> None:
+    plane, told = ControlPlane("a", replicas=1), Told()
+    _, start = on_demand_mirror(plane, told)
+    assert not start.serving
     assert await start.ready() == 1.5
     assert told.asked == [{"t": "ready", "model": "a", "left": None, "key": None, "priority": 0}]
 
@@ -153,11 +160,7 @@ async def test_a_request_that_asked_for_its_start_is_counted_there_and_one_that_
     """The control plane's ``ready()`` counted the first's arrival: a worker tells only its
     end; the second found the model serving: its arrival is told too."""
     plane, told = ControlPlane("a", replicas=1), Told()
-    plane.on_demand("a")
-    mirror = mirror_of(told)
-    mirror.apply(plane.document(), 1)
-    start = mirror.pools[0].on_demand
-    assert start is not None
+    mirror, start = on_demand_mirror(plane, told)
     assert await start.ready(key="k") == 1.5
     start.served(2.0, 7)
     mirror.demand.flush()
@@ -173,11 +176,7 @@ async def test_a_request_that_asked_for_its_start_is_counted_there_and_one_that_
 
 async def test_a_refused_start_and_a_gone_control_plane_are_the_backends_own_errors() -> None:
     plane, told = ControlPlane("a", replicas=1), Told()
-    plane.on_demand("a")
-    mirror = mirror_of(told)
-    mirror.apply(plane.document(), 1)
-    start = mirror.pools[0].on_demand
-    assert start is not None
+    _, start = on_demand_mirror(plane, told)
     told.answer = {"error": {"message": "queue full", "retry_after": 5.0}}
     with pytest.raises(Unavailable, match="queue full") as refused:
         await start.ready()
