@@ -15,7 +15,9 @@ bundle)
   mkdir -p .whl/lib
   .venv/bin/python -m pip download -q --no-deps -d .whl "${plat[@]}" fastapi starlette uvicorn \
     httptools pydantic pydantic_core annotated-types typing-inspection orjson \
-    prometheus-fastapi-instrumentator
+    prometheus-fastapi-instrumentator opentelemetry-api importlib-metadata zipp \
+    opentelemetry-sdk opentelemetry-semantic-conventions typing-extensions xxhash pyyaml \
+    httpx httpcore h11 anyio sniffio idna certifi
   nginx=$(command -v nginx || echo /usr/sbin/nginx)
   cp "$nginx" .whl/nginx
   for lib in $(ldd "$nginx" | awk '/=>/{print $3}' | grep -v 'libc\.so'); do cp -L "$lib" .whl/lib/; done
