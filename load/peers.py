@@ -137,6 +137,7 @@ def start_gateway(
 
 NGINX_CONF = """
 worker_processes 1;
+user root;  # ignored unless run as root; as root, no need for a `nobody` user on the machine
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -145,6 +146,9 @@ http {{
   keepalive_requests 1000000;  # else nginx closes each client connection after 1,000
   client_body_temp_path {dir}/body;
   proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;  # unused, but nginx creates them at start: none under /var
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
   client_max_body_size 32m;
   upstream vllm {{ server {upstream}; keepalive 256; }}
   server {{

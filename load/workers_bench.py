@@ -53,6 +53,37 @@ def cores(first: int, count: int) -> list[int]:
     return [(first + i) % total for i in range(count)]
 
 
+def physical_cores() -> list[list[int]]:
+    """Logical CPUs grouped by the core they share (hyperthreads), from sysfs."""
+    groups: dict[str, list[int]] = {}
+    for cpu in sorted(os.sched_getaffinity(0)):
+        path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            siblings = path.read_text().strip()
+        except OSError:
+            siblings = str(cpu)
+        groups.setdefault(siblings, []).append(cpu)
+    return list(groups.values())
+
+
+def placement(targets: int, helpers: int) -> tuple[list[int], list[int], str]:
+    """Cores for the targets (in the order a target of W workers takes its first W) and for the
+    fakes and load clients: helpers take whole physical cores from the top, so that no target's
+    worker shares a core's execution units with them; targets take one thread of each remaining
+    core before any core's second thread."""
+    phys = physical_cores()
+    threads = max(len(group) for group in phys)
+    need = -(-helpers // threads)  # physical cores for the helpers
+    helper_cpus = [cpu for group in phys[len(phys) - need :] for cpu in group][:helpers]
+    rest = phys[: len(phys) - need]
+    target_cpus = [group[t] for t in range(threads) for group in rest if t < len(group)]
+    shape = f"{sum(map(len, phys))} logical CPUs on {len(phys)} cores of {threads} threads"
+    if len(target_cpus) < targets:
+        shape += f"; targets above {len(target_cpus)} workers share cores with fakes and clients"
+        target_cpus += [c for c in cores(0, len(phys) * threads) if c not in target_cpus]
+    return target_cpus, helper_cpus, shape
+
+
 def taskset(cpus: list[int], cmd: list[str]) -> list[str]:
     if shutil.which("taskset") is None:
         return cmd  # unpinned: the report's layout line is then a wish
@@ -72,7 +103,9 @@ def start_fakes(count: int, cpus: list[int]) -> list[subprocess.Popen[bytes]]:
     return procs
 
 
-def start_gateway(workers: int, port: int, upstreams: list[str], work: Path) -> Target:
+def start_gateway(
+    workers: int, port: int, upstreams: list[str], work: Path, cpus: list[int]
+) -> Target:
     """As load/bench.py starts it (an API key, the access log on), with ``workers``."""
     import yaml
 
@@ -87,7 +120,7 @@ def start_gateway(workers: int, port: int, upstreams: list[str], work: Path) -> 
     log = work / f"gateway-{workers}.log"
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port)]
     proc = subprocess.Popen(
-        taskset(cores(0, workers), cmd),
+        taskset(cpus[:workers], cmd),
         cwd=ROOT,
         stdout=open(log, "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
@@ -104,7 +137,9 @@ def start_gateway(workers: int, port: int, upstreams: list[str], work: Path) -> 
     return target
 
 
-def start_nginx(nginx: str, workers: int, port: int, upstreams: list[str], work: Path) -> Target:
+def start_nginx(
+    nginx: str, workers: int, port: int, upstreams: list[str], work: Path, cpus: list[int]
+) -> Target:
     """nginx with ``workers`` worker processes on as many cores, its default accept."""
     home = work / f"nginx-{workers}"
     home.mkdir()
@@ -115,12 +150,20 @@ def start_nginx(nginx: str, workers: int, port: int, upstreams: list[str], work:
     )
     (home / "nginx.conf").write_text(conf)
     cmd = [nginx, "-c", str(home / "nginx.conf"), "-p", str(home), "-g", "daemon off;"]
+    log = home / "stderr.log"
     proc = subprocess.Popen(
-        taskset(cores(0, workers), cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        taskset(cpus[:workers], cmd),
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "wb"),  # noqa: SIM115
     )
     target = Target(f"nginx x{workers}", port, [proc])
-    wait_http(target.url + "/health")
-    return target
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            wait_http(target.url + "/health", timeout=1)
+            return target
+    errors = [f.read_text(errors="replace") for f in (log, home / "error.log") if f.exists()]
+    raise RuntimeError(f"nginx x{workers} did not start: {' '.join(errors)}")
 
 
 def _client(
@@ -228,10 +271,16 @@ def main() -> None:
     total = os.cpu_count() or 1
     spare = total - max(counts)
     if spare >= 2:
-        fake_cpus = cores(max(counts), max(1, spare // 2))
-        client_cpus = cores(max(counts) + len(fake_cpus), min(args.clients, spare - len(fake_cpus)))
-        layout = f"targets on cores 0..W-1, fakes on {fake_cpus}, load clients on {client_cpus}"
+        helpers = min(spare, 2 * args.clients)
+        target_cpus, helper_cpus, shape = placement(max(counts), helpers)
+        fake_cpus = helper_cpus[: max(1, helpers // 2)]
+        client_cpus = helper_cpus[len(fake_cpus) :][: args.clients]
+        layout = (
+            f"{shape}; a target of W workers on {target_cpus[: max(counts)]}[:W], "
+            f"fakes on {fake_cpus}, load clients on {client_cpus}"
+        )
     else:
+        target_cpus = cores(0, total)
         fake_cpus = client_cpus = cores(0, min(total, args.clients))
         layout = "too few cores: targets, fakes and load clients share every core"
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -243,11 +292,11 @@ def main() -> None:
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
     try:
         for i, count in enumerate(counts):
-            targets.append(start_gateway(count, TARGET_PORT + i, upstreams, work))
+            targets.append(start_gateway(count, TARGET_PORT + i, upstreams, work, target_cpus))
         if Path(args.nginx).exists():
             for i, count in enumerate(counts):
                 port = TARGET_PORT + 10 + i
-                targets.append(start_nginx(args.nginx, count, port, upstreams, work))
+                targets.append(start_nginx(args.nginx, count, port, upstreams, work, target_cpus))
         else:
             layout += f"; nginx not found at {args.nginx}, not measured"
         with ProcessPoolExecutor(len(client_cpus)) as clients:

@@ -57,6 +57,11 @@ class Demand:
         self._served.setdefault(model, []).append((now, seconds, tokens))
         self._tell_at(now + TELL_EVERY)  # later than the last notice by that much, and batched
 
+    def wanted(self, model: str) -> None:
+        """A request for ``model``, not serving, went to a fallback: told at once, since the
+        control plane starts the model on it (``OnDemandModel.want``)."""
+        self._tell({"t": "want", "model": model})
+
     def flush(self) -> None:
         """Tell what was counted, now (and at the worker's stop)."""
         if self._timer is not None:

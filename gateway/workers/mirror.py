@@ -17,7 +17,8 @@ leases hold.
 An on-demand model's stand-in (``RemoteStart``) asks the control plane for a start or a wake
 and waits for its answer; the control plane sends the model's new state before that answer.
 The requests that find it serving, and every request it served, are counted here and told in
-batches (``gateway.workers.demand``), so the swap scheduler weighs them as one process does.
+batches (``gateway.workers.demand``), so the swap scheduler weighs them as one process does; a
+request that went to a fallback rather than wait for its start is told at once (``want``).
 """
 
 from __future__ import annotations
@@ -139,7 +140,10 @@ class RemoteStart:
         return waited
 
     def want(self) -> None:
-        """Not forwarded yet: the control plane starts the model when a request waits on it."""
+        """A request went to a fallback rather than wait: the control plane's ``want()``
+        starts or wakes the model all the same (and counts the request), as in one process."""
+        if not self.serving:
+            self._demand.wanted(self.name)
 
     def served(self, seconds: float, tokens: int) -> None:
         self._demand.served(self.name, seconds, tokens)

@@ -220,6 +220,10 @@ class Plane:
                 told, model = message["models"].get(pool.name), policy_of(pool)
                 if told is not None and model is not None:  # else gone since (a reload)
                     note(model, told)
+        elif kind == "want":
+            pool = next((p for p in self.runtime.pools if p.name == message["model"]), None)
+            if pool is not None and (model := policy_of(pool)) is not None:  # else a reload
+                model.want()
         elif kind == "applied":
             link.acked = message["g"]
             self._acked.fire()

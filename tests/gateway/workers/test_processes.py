@@ -6,6 +6,7 @@ counts summed. The same with real vLLM servers: tests/integration/test_workers.p
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import sys
@@ -132,6 +133,30 @@ def test_requests_through_both_workers_feed_the_on_demand_models_rates_in_the_co
     costs = od(gateway)["costs"]
     assert costs["tokens_per_s"] is not None and costs["request_s"] is not None
     assert od(gateway)["loads"] == started["loads"] == 1
+
+
+def test_a_request_that_falls_back_on_either_worker_starts_the_cold_model_for_later_ones(
+    backend: FakeBackend, tmp_path: Path
+) -> None:
+    """`od` is not started and falls back to `m`: a request on each worker is answered by `m`
+    at once, and the control plane starts `od` (once) for the requests after them."""
+    settings = config(backend, log_dir=str(tmp_path / "logs"))
+    settings["models"][1]["fallbacks"] = ["m"]
+    gateway = GatewayProcess(settings, tmp_path)
+    try:
+        clients = one_on_each(gateway, worker_pids(gateway))
+        body = {**CHAT, "model": "od"}
+        for client in clients.values():
+            status, answer = client.call("POST", "/v1/chat/completions", body, KEY)
+            assert status == 200 and json.loads(answer)["model"] == "m"
+        ready = r'vllm_gateway_model_state\{model="od",state="ready"\}'
+        wait_until(lambda: metric(gateway, ready) == 1, 60, "od started by the fallbacks")
+        for client in clients.values():
+            status, answer = client.call("POST", "/v1/chat/completions", body, KEY)
+            assert status == 200 and json.loads(answer)["model"] == "od"
+        assert metric(gateway, r'vllm_gateway_model_loads_total\{model="od"\}') == 1
+    finally:
+        gateway.close()
 
 
 def od(gateway: GatewayProcess) -> dict[str, Any]:
