@@ -168,7 +168,8 @@ prefix)
 workers)
   doc=${OUT:-$res}/workers.json
   timeout "${WORKERS_BUDGET:-560}" python3 load/gpu_workers.py "$STATE/tiny/chat" "$STATE/workers" \
-    --save "$doc" --concurrency "${CONCURRENCY:-256,64,512}" --rounds "${ROUNDS:-3}" || true
+    --save "$doc" --concurrency "${CONCURRENCY:-256,64,512}" --rounds "${ROUNDS:-3}" \
+    --waves "${WAVES:-4}" || true
   cp "$doc" "$res/" 2>/dev/null || true
   ;;
 swaps)

@@ -2,14 +2,16 @@
 `load/gpu_check.sh workers` on the GPU machine.
 
     python3 load/gpu_workers.py TINY_CHAT_DIR OUT_DIR --save FILE.json
-        [--concurrency 256,64,512] [--rounds 3] [--clients 4]
+        [--concurrency 256,64,512] [--rounds 3] [--clients 4] [--waves 4]
 
 One tiny chat server on GPU 0 (0.3 of it), started directly; two gateways in connect mode in
 front of it at once (ports 8001 and 8004, `workers` 1 and 4). vLLM's benchmark client, split
 over ``--clients`` processes so that it is not the limit, streams completions (128 in, 128
 out) at each ``--concurrency`` in all; direct, workers 1 and workers 4 take turns, the first of
 each round rotating. Per run: output tokens/s (summed over the clients), the clients' median
-inter-token latency, and the CPU the gateway's processes used.
+inter-token latency, and the CPU the gateway's processes used. Each run sends ``--waves``
+times its concurrency in prompts (more: longer runs, less spread between rounds). On 12 cores
+or more, vLLM, the gateways and the clients run on cores of their own (``layout``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,11 +57,34 @@ def gateway(workers: int, port: int, backend: str, state: Path) -> subprocess.Po
     )
     log = open(state / f"gateway-w{workers}.log", "wb")  # noqa: SIM115
     return subprocess.Popen(
-        ["python3", "-m", "gateway", "serve", "--config", str(file)],
+        pinned(PLACE["gateway"], ["python3", "-m", "gateway", "serve", "--config", str(file)]),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def pinned(cpus: list[int] | None, cmd: list[str]) -> list[str]:
+    """``cmd`` on ``cpus`` only (all of them when None): vLLM's server, the gateways and the
+    benchmark clients each get cores of their own, so that none slows another by sharing."""
+    return cmd if cpus is None else ["taskset", "-c", ",".join(map(str, cpus)), *cmd]
+
+
+def layout() -> dict[str, list[int] | None]:
+    """Where each part runs: on 12 cores or more, vLLM's processes on the first quarter, the
+    gateways on the next three eighths, the clients on the rest; below that, unpinned."""
+    total = os.cpu_count() or 1
+    if total < 12 or shutil.which("taskset") is None:
+        return {"vllm": None, "gateway": None, "clients": None}
+    quarter, gate = total // 4, 3 * total // 8
+    return {
+        "vllm": list(range(quarter)),
+        "gateway": list(range(quarter, quarter + gate)),
+        "clients": list(range(quarter + gate, total)),
+    }
+
+
+PLACE = layout()
 
 
 def tree_cpu(pid: int) -> float:
@@ -76,21 +102,23 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-def bench(url: str, tokenizer: str, c: int, clients: int, out: Path) -> dict[str, Any]:
+def bench(
+    url: str, tokenizer: str, c: int, clients: int, out: Path, waves: int = 4
+) -> dict[str, Any]:
     procs, files = [], []
     for i in range(clients):
         file = out / f"bench-{time.monotonic_ns()}-{i}.json"
         flags = (
             f"--backend openai --base-url {url} --endpoint /v1/completions --model {MODEL}"
             f" --tokenizer {tokenizer} --dataset-name random --random-input-len 128"
-            f" --random-output-len 128 --ignore-eos --num-prompts {4 * c // clients}"
+            f" --random-output-len 128 --ignore-eos --num-prompts {waves * c // clients}"
             f" --max-concurrency {c // clients} --seed {i}"
             f" --save-result --result-dir {out} --result-filename {file.name}"
         )
         command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve"]
         procs.append(
             subprocess.Popen(
-                [*command, *flags.split()],
+                pinned(PLACE["clients"], [*command, *flags.split()]),
                 env={**os.environ, "OPENAI_API_KEY": KEY},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -116,20 +144,30 @@ def main() -> None:
     parser.add_argument("--concurrency", default="256,64,512", help="comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument(
+        "--waves", type=int, default=4, help="prompts per run: this many times the concurrency"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     port = 8100
+    vllm = ["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
+            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
+            "--api-key", KEY, "--gpu-memory-utilization", "0.3", "--enforce-eager"]  # fmt: skip
     server = subprocess.Popen(
-        ["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
-         "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
-         "--api-key", KEY, "--gpu-memory-utilization", "0.3", "--enforce-eager"],
+        pinned(PLACE["vllm"], vllm),
         stdout=open(args.out / "vllm.log", "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    )
     direct = f"http://127.0.0.1:{port}"
     gateways = {w: gateway(w, 8000 + w, direct, args.out) for w in (1, 4)}
     levels = [int(c) for c in args.concurrency.split(",")]
-    doc: dict[str, Any] = {"concurrency": levels, "clients": args.clients, "runs": []}
+    doc: dict[str, Any] = {
+        "concurrency": levels,
+        "clients": args.clients,
+        "waves": args.waves,
+        "cores": PLACE,
+        "runs": [],
+    }
     try:
         wait(direct, 400, server)
         for w, proc in gateways.items():
@@ -144,7 +182,7 @@ def main() -> None:
                     pid = gateways[int(name[-1])].pid if name != "direct" else None
                     cpu = tree_cpu(pid) if pid else 0.0
                     began = time.monotonic()
-                    run = bench(targets[name], args.model, c, args.clients, args.out)
+                    run = bench(targets[name], args.model, c, args.clients, args.out, args.waves)
                     run.update(target=name, concurrency=c, round=r)
                     run["seconds"] = round(time.monotonic() - began, 1)
                     if pid:
