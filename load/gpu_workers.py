@@ -102,6 +102,42 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
+SERVER_SIDE = {  # vLLM's own histograms: what the server saw, whoever sent the requests
+    "ttft": "vllm:time_to_first_token_seconds",
+    "itl": "vllm:inter_token_latency_seconds",
+    "tpot": "vllm:time_per_output_token_seconds",
+    "queued": "vllm:request_queue_time_seconds",
+}
+
+
+Sums = dict[str, tuple[float, float]]
+
+
+def server_sums(direct: str) -> Sums:
+    """(sum, count) of each of ``SERVER_SIDE``'s histograms in vLLM's /metrics now."""
+    text = httpx.get(direct + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    sums: Sums = {}
+    for short, name in SERVER_SIDE.items():
+        total = count = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(name + "_count"):
+                count += float(line.rsplit(" ", 1)[1])
+        sums[short] = (total, count)
+    return sums
+
+
+def server_means(before: Sums, after: Sums) -> dict[str, float | None]:
+    """Each histogram's mean over a run, in ms (None where vLLM does not export it)."""
+    means: dict[str, float | None] = {}
+    for short, (total, count) in after.items():
+        was_total, was_count = before[short]
+        n = count - was_count
+        means[f"server_{short}_ms_mean"] = round(1e3 * (total - was_total) / n, 3) if n else None
+    return means
+
+
 def bench(
     url: str, tokenizer: str, c: int, clients: int, out: Path, waves: int = 4
 ) -> dict[str, Any]:
@@ -181,8 +217,9 @@ def main() -> None:
                 for name in names[r % 3 :] + names[: r % 3]:
                     pid = gateways[int(name[-1])].pid if name != "direct" else None
                     cpu = tree_cpu(pid) if pid else 0.0
-                    began = time.monotonic()
+                    began, seen = time.monotonic(), server_sums(direct)
                     run = bench(targets[name], args.model, c, args.clients, args.out, args.waves)
+                    run.update(server_means(seen, server_sums(direct)))
                     run.update(target=name, concurrency=c, round=r)
                     run["seconds"] = round(time.monotonic() - began, 1)
                     if pid:
