@@ -108,7 +108,11 @@ class Relay:
             usage = self.limits.usage_for_all_streams
             job = jobs.route(scope, body, head.content_type, self.table, allowed, usage)
             ticket = None
-            if job.pool.queue is not None or job.pool.priority_field:  # [traffic: priority]
+            if (  # [traffic: priority] (an on-demand model's swaps weigh it too)
+                job.pool.queue is not None
+                or job.pool.priority_field
+                or job.pool.on_demand is not None
+            ):
                 ticket = admission.ticket(key, head.priority)
                 if job.pool.priority_field:
                     job = admission.with_priority(job, scope["path"], ticket.priority)
@@ -261,7 +265,8 @@ class Relay:
                 exchange.slot = await self._admitted(pool.queue, exchange, record, turn, deadline)
         elif pool.on_demand is not None:
             with guard.shutdown_interrupts():  # not timed: a start may take minutes
-                await self._started(pool.on_demand, record, deadline)
+                priority = ticket.priority if ticket is not None else 0
+                await self._started(pool.on_demand, record, deadline, priority)
         if pool.hold_for:  # a reload restarts its servers: wait, as for a start
             with guard.shutdown_interrupts():
                 await _until_serving(exchange, record)
@@ -304,7 +309,9 @@ class Relay:
         """The request's slot, once its turn has come (and its on-demand model serves)."""
         model = exchange.job.pool.on_demand
         bring_up = (
-            None if model is None else functools.partial(self._started, model, record, deadline)
+            None
+            if model is None
+            else functools.partial(self._started, model, record, deadline, ticket.priority)
         )
         began = time.monotonic()
         with backend_errors():
@@ -313,17 +320,18 @@ class Relay:
         return slot
 
     async def _started(
-        self, model: Startable, record: RequestRecord, deadline: float | None
+        self, model: Startable, record: RequestRecord, deadline: float | None, priority: int
     ) -> None:
         """Hold the request until its on-demand model serves (at once when it does), within
-        the wait its client allows (``deadline``, on ``backends.clock``)."""
+        the wait its client allows (``deadline``, on ``backends.clock``); its key and
+        ``priority`` are what the swap scheduler weighs the model's demand by."""
         key = record.key if record.key != UNROUTED else None
         with backend_errors():
             if record.trace is None:
-                waited = await model.ready(deadline, key=key)
+                waited = await model.ready(deadline, key=key, priority=priority)
             else:
                 with record.trace.waiting(model):  # [trace: the wait for its model]
-                    waited = await model.ready(deadline, key=key)
+                    waited = await model.ready(deadline, key=key, priority=priority)
         if waited:
             record.start_wait = (record.start_wait or 0.0) + waited
 
