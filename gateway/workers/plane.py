@@ -221,9 +221,9 @@ class Plane:
                 if told is not None and model is not None:  # else gone since (a reload)
                     note(model, told)
         elif kind == "want":
-            pool = next((p for p in self.runtime.pools if p.name == message["model"]), None)
-            if pool is not None and (model := policy_of(pool)) is not None:  # else a reload
-                model.want()
+            for pool in self.runtime.pools:
+                if pool.name == message["model"] and (model := policy_of(pool)) is not None:
+                    model.want()  # (none found: gone since, a reload)
         elif kind == "applied":
             link.acked = message["g"]
             self._acked.fire()
