@@ -227,7 +227,7 @@ def report(
     lines = [
         f"# workers: N against nginx, {datetime.date.today().isoformat()}",
         "",
-        f"Command: `.venv/bin/python load/workers_bench.py {' '.join(sys.argv[1:])}`",
+        f"Command: `.venv/bin/python load/workers_bench.py {' '.join(_shown(sys.argv[1:]))}`",
         "",
         f"Machine: {os.cpu_count()} cores; {layout}. Medians of {args.rounds} rounds of "
         f"{args.seconds:g} s each.",
@@ -254,6 +254,14 @@ def report(
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _shown(argv: list[str]) -> list[str]:
+    """The command line as the report shows it: no machine's paths (nginx's, the output's)."""
+    shown, names = [], {"--nginx": "NGINX", "--out": "OUT"}
+    for i, arg in enumerate(argv):
+        shown.append(names[argv[i - 1]] if i and argv[i - 1] in names else arg)
+    return shown
 
 
 def main() -> None:
