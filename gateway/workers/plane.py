@@ -288,6 +288,22 @@ class Plane:
         pools = self.runtime.pools
         self.totals.apply(self.runtime.telemetry, pools, shares, self._by_slot.get)
 
+    async def answers(self, row: int, timeout: float) -> bool:
+        """Whether the worker of ``row`` answers a ping within ``timeout`` seconds: its event
+        loop turns. True while it has not said hello (it is starting) or its line is down
+        (it is ending: its exit is seen where its process is waited for)."""
+        link = self.links.get(row)
+        if link is None:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await link.channel.ask({"t": "ping"})
+        except TimeoutError:
+            return False
+        except ChannelClosed:
+            return True
+        return True
+
     async def _share(self, link: Link) -> None:
         try:
             async with asyncio.timeout(SHARE_TIMEOUT):

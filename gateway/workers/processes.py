@@ -6,6 +6,11 @@ worker that ran for a while comes back at once; one that keeps dying soon after 
 waits longer each time (the supervisor's doubling backoff). Nothing here touches a backend:
 a worker holds none. A worker ends itself when its channel to the control plane closes, so
 none outlives a control plane that was killed.
+
+A worker that hangs without dying (its event loop stopped: a blocking call, a deadlock, a
+SIGSTOP) would keep its share of the port's connections unanswered; the probe asks each one
+to answer a ping every ``PROBE_EVERY`` seconds, and one that misses ``PROBE_MISSES`` in a row
+is killed, and so started again like any worker that died.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
@@ -25,6 +30,8 @@ from backends.lifecycle import backoff
 log = logging.getLogger("vllm_gateway.workers")
 STABLE_AFTER = 10.0  # seconds a worker must have run for its next death to count as a first
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
+PROBE_EVERY, PROBE_TIMEOUT, PROBE_MISSES = 2.0, 5.0, 2  # a hung worker goes within ~15 s
+Probe = Callable[[int, float], Awaitable[bool]]  # (row, timeout) -> it answered
 
 
 class WorkerProcesses:
@@ -34,13 +41,17 @@ class WorkerProcesses:
         command: Callable[[int], list[str]],
         pass_fds: Sequence[int],
         exited: Callable[[int], None],
+        probe: Probe | None = None,
     ) -> None:
         """``command(row)``: the worker's command line; ``pass_fds``: descriptors it inherits
-        (the in-flight table); ``exited(row)``: told once each of its processes is gone."""
+        (the in-flight table); ``exited(row)``: told once each of its processes is gone;
+        ``probe``: whether a worker answers (``Plane.answers``); None: none is probed."""
         self.count = count
         self.command = command
         self.pass_fds = tuple(pass_fds)
         self.exited = exited
+        self.probe = probe
+        self.hung = dict.fromkeys(range(count), 0)  # workers killed for not answering
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = dict.fromkeys(range(count), 0)
         self._tasks: list[asyncio.Task[None]] = []
@@ -57,7 +68,11 @@ class WorkerProcesses:
             began = time.monotonic()
             proc = await asyncio.create_subprocess_exec(*self.command(row), pass_fds=self.pass_fds)
             self.procs[row] = proc
-            code = await proc.wait()
+            watch = asyncio.create_task(self._watch(row, proc), name=f"worker:{row}:probe")
+            try:
+                code = await proc.wait()
+            finally:
+                watch.cancel()
             self.exited(row)
             if self._stopping:
                 return
@@ -73,6 +88,28 @@ class WorkerProcesses:
                 wait,
             )
             await asyncio.sleep(wait)
+
+    async def _watch(self, row: int, proc: asyncio.subprocess.Process) -> None:
+        """Kill ``proc`` once it misses ``PROBE_MISSES`` pings in a row."""
+        if self.probe is None:
+            return
+        misses = 0
+        while misses < PROBE_MISSES:
+            await asyncio.sleep(PROBE_EVERY)
+            answered = await self.probe(row, PROBE_TIMEOUT)
+            misses = 0 if answered else misses + 1
+        if self._stopping or proc.returncode is not None:
+            return
+        log.error(
+            "worker %d (pid %d) answered none of its last %d pings (%gs each); killing it",
+            row,
+            proc.pid,
+            PROBE_MISSES,
+            PROBE_TIMEOUT,
+        )
+        self.hung[row] += 1
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
 
     async def stop(self, grace: float) -> None:
         """Each worker is asked to end (it finishes the requests it relays, as a gateway that
@@ -102,7 +139,8 @@ class WorkerProcesses:
 
 
 class RestartCollector(Collector):
-    """`vllm_gateway_worker_restarts_total{worker}`: each worker's deaths, read at scrape."""
+    """`vllm_gateway_worker_restarts_total{worker}`: each worker's deaths, and
+    `vllm_gateway_worker_hangs_total{worker}`: those the liveness probe caused; read at scrape."""
 
     def __init__(self, processes: WorkerProcesses) -> None:
         self.processes = processes
@@ -116,6 +154,14 @@ class RestartCollector(Collector):
         for row, count in sorted(self.processes.restarts.items()):
             family.add_metric([str(row)], count)
         yield family
+        hung = CounterMetricFamily(
+            "vllm_gateway_worker_hangs",
+            "Workers killed for answering no liveness ping (then started again).",
+            labels=["worker"],
+        )
+        for row, count in sorted(self.processes.hung.items()):
+            hung.add_metric([str(row)], count)
+        yield hung
 
 
 def _how(code: int) -> str:

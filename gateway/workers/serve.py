@@ -96,7 +96,11 @@ def serve_control_plane(
         )
         await plane.start()
         processes = WorkerProcesses(
-            settings.workers, partial(command, plane), inherited, plane.worker_exited
+            settings.workers,
+            partial(command, plane),
+            inherited,
+            plane.worker_exited,
+            probe=plane.answers,
         )
         registry = runtime.telemetry.metrics.registry
         registry.register(restarts := RestartCollector(processes))

@@ -182,6 +182,8 @@ class Worker:
     async def _answer(self, message: Message) -> Message:
         if message["t"] == "up":  # a request's turn needs its model up (gateway.workers.turns)
             return await self.mirror.turns.bring_up(message["n"])
+        if message["t"] == "ping":  # its loop turns: the control plane's liveness probe
+            return {}
         if message["t"] != "share":
             raise ValueError(f"no such request: {message['t']!r}")
         return share(self.telemetry, self.mirror.pools)

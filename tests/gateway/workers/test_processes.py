@@ -5,6 +5,7 @@ counts summed. The same with real vLLM servers: tests/integration/test_workers.p
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -218,6 +219,34 @@ def test_a_killed_worker_is_restarted_and_only_its_own_requests_fail(
     row = worker_pids(gateway).index(survivor) ^ 1  # the victim's row
     assert metric(gateway, rf'vllm_gateway_worker_restarts_total\{{worker="{row}"\}}') == 1
     new = one_on_each(gateway, worker_pids(gateway))  # the new worker serves too
+    assert {c.call("POST", "/v1/chat/completions", CHAT, KEY)[0] for c in new.values()} == {200}
+
+
+def test_a_hung_worker_is_killed_and_started_again_while_the_other_keeps_serving(
+    gateway: GatewayProcess, backend: FakeBackend
+) -> None:
+    """A worker whose event loop stops (SIGSTOP: it lives, it answers nothing) misses the
+    control plane's liveness pings, is killed and started again; no backend is touched."""
+    clients = one_on_each(gateway, worker_pids(gateway))
+    (victim, _), (survivor, survivor_client) = clients.items()
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: len(worker_pids(gateway)) == 2 and victim not in worker_pids(gateway),
+            40,
+            "the hung worker replaced",
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    assert survivor in worker_pids(gateway)
+    assert survivor_client.call("POST", "/v1/chat/completions", CHAT, KEY)[0] == 200
+    assert backend.proc.poll() is None
+    row = worker_pids(gateway).index(survivor) ^ 1  # the victim's row
+    assert metric(gateway, rf'vllm_gateway_worker_hangs_total\{{worker="{row}"\}}') == 1
+    assert metric(gateway, rf'vllm_gateway_worker_restarts_total\{{worker="{row}"\}}') == 1
+    assert "answered none of its last" in gateway.log.read_text(errors="replace")
+    new = one_on_each(gateway, worker_pids(gateway))
     assert {c.call("POST", "/v1/chat/completions", CHAT, KEY)[0] for c in new.values()} == {200}
 
 
