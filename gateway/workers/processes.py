@@ -146,22 +146,22 @@ class RestartCollector(Collector):
         self.processes = processes
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(
-            "vllm_gateway_worker_restarts",
-            "Times the control plane started a worker again after it died (workers: N).",
-            labels=["worker"],
-        )
-        for row, count in sorted(self.processes.restarts.items()):
-            family.add_metric([str(row)], count)
-        yield family
-        hung = CounterMetricFamily(
-            "vllm_gateway_worker_hangs",
-            "Workers killed for answering no liveness ping (then started again).",
-            labels=["worker"],
-        )
-        for row, count in sorted(self.processes.hung.items()):
-            hung.add_metric([str(row)], count)
-        yield hung
+        for name, text, counts in (
+            (
+                "vllm_gateway_worker_restarts",
+                "Times the control plane started a worker again after it died (workers: N).",
+                self.processes.restarts,
+            ),
+            (
+                "vllm_gateway_worker_hangs",
+                "Workers killed for answering no liveness ping (then started again).",
+                self.processes.hung,
+            ),
+        ):
+            family = CounterMetricFamily(name, text, labels=["worker"])
+            for row, count in sorted(counts.items()):
+                family.add_metric([str(row)], count)
+            yield family
 
 
 def _how(code: int) -> str:
