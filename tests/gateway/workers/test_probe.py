@@ -17,21 +17,28 @@ class Proc:
     """What the watch sees of a worker's process."""
 
     def __init__(self) -> None:
-        self.pid, self.returncode, self.killed = 4242, None, 0
+        self.pid, self.killed = 4242, 0
+        self.returncode: int | None = None
 
     def kill(self) -> None:
         self.killed += 1
 
 
-def scripted(answers: list[bool]) -> tuple[processes.Probe, list[float]]:
-    asked: list[float] = []
-    replies: Iterator[bool] = iter(answers)
+class Script:
+    """A probe that answers as scripted, then holds the next ping until the test ends."""
 
-    async def probe(row: int, timeout: float) -> bool:
-        asked.append(timeout)
-        return next(replies, True)
+    def __init__(self, answers: list[bool]) -> None:
+        self.asked: list[float] = []
+        self.done = asyncio.Event()
+        self._replies: Iterator[bool] = iter(answers)
 
-    return probe, asked
+    async def __call__(self, row: int, timeout: float) -> bool:
+        self.asked.append(timeout)
+        for reply in self._replies:
+            return reply
+        self.done.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
 
 @pytest.fixture(autouse=True)
@@ -39,25 +46,24 @@ def quick(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(processes, "PROBE_EVERY", 0.0)
 
 
-def watched(answers: list[bool]) -> tuple[WorkerProcesses, list[float]]:
-    probe, asked = scripted(answers)
-    return WorkerProcesses(1, lambda row: [], (), lambda row: None, probe=probe), asked
+def watched(answers: list[bool]) -> tuple[WorkerProcesses, Script]:
+    script = Script(answers)
+    return WorkerProcesses(1, lambda row: [], (), lambda row: None, probe=script), script
 
 
 async def test_a_worker_that_misses_its_pings_in_a_row_is_killed() -> None:
-    workers, asked = watched([True, *[False] * PROBE_MISSES])
+    workers, script = watched([True, *[False] * PROBE_MISSES])
     proc = Proc()
     await workers._watch(0, proc)  # type: ignore[arg-type]
     assert proc.killed == 1 and workers.hung == {0: 1}
-    assert len(asked) == 1 + PROBE_MISSES
+    assert len(script.asked) == 1 + PROBE_MISSES
 
 
 async def test_a_worker_that_answers_between_misses_is_left_alone() -> None:
-    workers, asked = watched([False, True] * 5)
+    workers, script = watched([False, True] * 5)
     proc = Proc()
     watch = asyncio.create_task(workers._watch(0, proc))  # type: ignore[arg-type]
-    while len(asked) < 12:
-        await asyncio.sleep(0)
+    await script.done.wait()  # all ten answered, the eleventh ping held
     watch.cancel()
     assert proc.killed == 0 and workers.hung == {0: 0}
 
