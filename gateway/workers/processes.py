@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from backends.lifecycle import backoff
+from gateway.workers.channel import log_failure
 
 log = logging.getLogger("vllm_gateway.workers")
 STABLE_AFTER = 10.0  # seconds a worker must have run for its next death to count as a first
@@ -69,6 +70,7 @@ class WorkerProcesses:
             proc = await asyncio.create_subprocess_exec(*self.command(row), pass_fds=self.pass_fds)
             self.procs[row] = proc
             watch = asyncio.create_task(self._watch(row, proc), name=f"worker:{row}:probe")
+            watch.add_done_callback(log_failure)  # a probe that raises is a bug: shown
             try:
                 code = await proc.wait()
             finally:
