@@ -61,8 +61,11 @@ def gauge(gw: GatewayProcess, path: str, name: str) -> float:
     return spawned.gauge(gw, path, name, KEYS["ops"])
 
 
-def running_in_vllm(gw: GatewayProcess) -> float:
-    return gauge(gw, f"/backends/{MODEL}/metrics", "vllm:num_requests_running")
+def sent_to_vllm(gw: GatewayProcess) -> float:
+    """Requests the gateway relays to the server now. Not vLLM's own running gauge: the CPU
+    server's engine runs in its API server's process, whose /metrics may answer only once the
+    generation in progress ends."""
+    return gauge(gw, "/metrics", "vllm_gateway_requests_in_flight")
 
 
 def waiting_in_gateway(gw: GatewayProcess) -> float:
@@ -89,10 +92,10 @@ def test_an_interactive_request_takes_the_kept_slot_while_a_batch_one_waits(
 
     with ThreadPoolExecutor(3) as pool:
         first = pool.submit(send, "batch-1", "nightly", LONG)
-        wait_until(lambda: running_in_vllm(gw) == 1, 60, "batch-1 running in vLLM")
+        wait_until(lambda: sent_to_vllm(gw) == 1, 60, "batch-1 sent to vLLM")
         second = pool.submit(send, "batch-2", "nightly", 8)
         wait_until(lambda: waiting_in_gateway(gw) == 1, 60, "batch-2 waiting in the gateway")
-        assert running_in_vllm(gw) == 1  # vLLM has room for two: the second slot is kept
+        assert sent_to_vllm(gw) == 1  # vLLM runs two at once: the second slot is kept
         interactive = pool.submit(send, "interactive", "ui", 8)
         interactive.result(timeout=300)
         assert finished == ["interactive"], finished  # batch-1 still runs, batch-2 waits
