@@ -46,7 +46,7 @@ import orjson
 
 from backends import clock
 from backends.errors import Unavailable
-from backends.on_demand import policy_of
+from backends.on_demand import OnDemandModel, policy_of
 from backends.pool import Replica
 from backends.signals import Signal
 from gateway.limits.shared import SharedTable
@@ -221,9 +221,8 @@ class Plane:
                 if told is not None and model is not None:  # else gone since (a reload)
                     note(model, told)
         elif kind == "want":
-            for pool in self.runtime.pools:
-                if pool.name == message["model"] and (model := policy_of(pool)) is not None:
-                    model.want()  # (none found: gone since, a reload)
+            if (model := self._on_demand(message["model"])) is not None:  # else a reload
+                model.want()
         elif kind == "applied":
             link.acked = message["g"]
             self._acked.fire()
@@ -252,8 +251,7 @@ class Plane:
             return await self.turns.turn(link, link.channel.ask, message)
         if message["t"] != "ready":
             raise ValueError(f"no such request: {message['t']!r}")
-        pool = next((p for p in self.runtime.pools if p.name == message["model"]), None)
-        model = policy_of(pool) if pool is not None else None
+        model = self._on_demand(message["model"])
         try:
             left = message.get("left")
             deadline = None if left is None else clock.now() + left
@@ -265,6 +263,11 @@ class Plane:
         finally:
             self.push()  # the state the answer speaks of, before the answer
         return {"waited": waited}
+
+    def _on_demand(self, name: str) -> OnDemandModel | None:
+        """The on-demand model a worker names, if it is one still (a reload may drop it)."""
+        pool = next((p for p in self.runtime.pools if p.name == name), None)
+        return policy_of(pool) if pool is not None else None
 
     # Workers coming and going, and their counts.
 
@@ -301,7 +304,7 @@ class Plane:
         except TimeoutError:
             return False
         except ChannelClosed:
-            return True
+            pass  # ending: its exit is seen where its process is waited for
         return True
 
     async def _share(self, link: Link) -> None:
